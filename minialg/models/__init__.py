@@ -1,0 +1,1 @@
+"""Hand-written models, one per file."""
