@@ -1,0 +1,165 @@
+"""Checkpoints in diffusers' folder layout: find or download, check from headers, stream tensors in.
+
+A checkpoint is a folder with `model_index.json` and one sub-folder per component (`transformer/`, `vae/`,
+`text_encoder/`, ...). Each model component holds a `config.json` and its weights as safetensors, in one file or
+sharded with a `*.safetensors.index.json` naming the file of every tensor.
+
+Loading never materialises a module on the CPU first: the module is built on the meta device from its config,
+every tensor name and shape is checked against the safetensors headers (no tensor data read), and only then
+are the tensors streamed one by one to the target device and dtype.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+WEIGHTS_DIR = Path(os.environ.get("MINIALG_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
+# what a run needs from a hub checkpoint; legacy .bin/.pth files and other variants are never fetched
+HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
+                "tokenizer/*", "image_processor/*", "scheduler/*"]
+WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' file stems
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                      "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem in one line."""
+
+
+def resolve(model: str | os.PathLike) -> Path:
+    """A local checkpoint folder, or a hub repo id (`org/name`), downloaded into weights/ on first use."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    name = str(model)
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise CheckpointError(f"model folder not found: {name}")
+    local = WEIGHTS_DIR / name.split("/")[1]
+    if (local / "model_index.json").is_file():
+        return local
+    return download(name, local)
+
+
+def download(repo_id: str, dest: Path | None = None) -> Path:
+    """Fetch the files a run needs (configs, safetensors, tokenizer, processor) with progress bars."""
+    from huggingface_hub import snapshot_download
+
+    dest = Path(dest) if dest else WEIGHTS_DIR / repo_id.split("/")[-1]
+    try:
+        snapshot_download(repo_id, local_dir=dest, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # network, auth, unknown repo: one line for the user
+        raise CheckpointError(f"could not download {repo_id}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    return dest
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})")
+
+
+def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (dtype, shape) from a safetensors header; checks the file is long enough for its data."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else 0
+        if n <= 0 or 8 + n > size:
+            raise CheckpointError(f"{file}: not a safetensors file or truncated (bad header)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{file}: corrupt safetensors header")
+    header.pop("__metadata__", None)
+    tensors, data_end = {}, 0
+    for name, info in header.items():
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in SAFETENSORS_DTYPES and end - begin != numel * SAFETENSORS_DTYPES[dtype]:
+            raise CheckpointError(f"{file}: corrupt header entry for tensor '{name}'")
+        tensors[name] = (dtype, shape)
+        data_end = max(data_end, end)
+    if 8 + n + data_end > size:
+        raise CheckpointError(f"{file}: truncated ({size} bytes, its header needs {8 + n + data_end})")
+    return tensors
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of one component, from its index when sharded."""
+    for stem in WEIGHT_NAMES:
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            names = sorted(set(read_json(index).get("weight_map", {}).values()))
+            missing = [n for n in names if not (folder / n).is_file()]
+            if not names or missing:
+                raise CheckpointError(f"{index}: shard {missing[0] if missing else '(none)'} not found")
+            return [folder / n for n in names]
+        if (folder / f"{stem}.safetensors").is_file():
+            return [folder / f"{stem}.safetensors"]
+    raise CheckpointError(f"no safetensors weights in {folder}")
+
+
+def build(model_cls, config_cls, folder: Path):
+    """The component's module on the meta device, from its config.json."""
+    config = config_cls.from_dict(read_json(folder / "config.json"))
+    with torch.device("meta"):
+        return model_cls(config)
+
+
+def plan(module: torch.nn.Module, folder: Path) -> dict[Path, list[tuple[str, str]]]:
+    """Check a component's tensors against its module from the headers alone.
+
+    Returns file -> [(name in the file, name in the module)]. Raises on a missing, unexpected or mis-shaped
+    tensor, naming it and its file.
+    """
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    rename = getattr(module, "checkpoint_name", lambda name: name)
+    by_file, found, problems = {}, {}, []
+    for file in weight_files(folder):
+        for name, (_, shape) in read_header(file).items():
+            target = rename(name)
+            if target is None:
+                continue
+            if target not in expected:
+                problems.append(f"unexpected tensor '{name}' in {file}")
+            elif shape != expected[target]:
+                problems.append(f"tensor '{name}' in {file} has shape {list(shape)}, "
+                                f"the config says {list(expected[target])}")
+            elif target in found:
+                problems.append(f"tensor '{name}' in {file} is also in {found[target]}")
+            else:
+                found[target] = file
+                by_file.setdefault(file, []).append((name, target))
+    problems += [f"tensor '{name}' missing from {folder}" for name in expected if name not in found]
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
+    return by_file
+
+
+def load(model_cls, config_cls, folder: Path, device="cpu", dtype=torch.float32) -> torch.nn.Module:
+    """Build on meta, check the headers, then stream each tensor straight to `device` in `dtype`.
+
+    Floating tensors whose name holds one of the module's `fp32_params` fragments stay float32.
+    """
+    module = build(model_cls, config_cls, folder)
+    keep_fp32 = getattr(module, "fp32_params", ())
+    for file, names in plan(module, folder).items():
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for file_name, module_name in names:
+                tensor = f.get_tensor(file_name)
+                if tensor.is_floating_point():
+                    fp32 = any(fragment in module_name for fragment in keep_fp32)
+                    tensor = tensor.to(torch.float32 if fp32 else dtype)
+                owner, _, leaf = module_name.rpartition(".")
+                sub = module.get_submodule(owner)
+                sub._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    return module.eval()

@@ -1,0 +1,99 @@
+"""Run configs in the authors' YAML format -> a validated RunConfig.
+
+    model:      {path, dtype}
+    generation: keyword arguments of the pipeline call (height, width, num_frames, guidance_scale, ...)
+    alg:        the ALG settings (minialg.alg.ALGConfig)
+    video:      {fps}
+
+Presets ship inside the package (minialg/configs/NAME.yaml) and can be named instead of a path.
+"""
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .alg import ALGConfig
+
+PRESETS = Path(__file__).parent / "configs"
+DTYPES = ("float32", "bfloat16", "float16")
+# generation key -> accepted Python types (None is accepted everywhere: it means "the model's default")
+GENERATION = {"height": int, "width": int, "num_frames": int, "num_inference_steps": int,
+              "guidance_scale": (int, float), "negative_prompt": str, "max_sequence_length": int,
+              "use_dynamic_cfg": bool, "flow_shift": (int, float), "solver": str, "seed": int}
+SECTIONS = {"model": ("path", "dtype"), "generation": tuple(GENERATION), "alg": None, "video": ("fps",)}
+
+
+@dataclass
+class RunConfig:
+    model: str = ""
+    dtype: str = "bfloat16"
+    generation: dict = field(default_factory=dict)
+    alg: ALGConfig = field(default_factory=ALGConfig)
+    fps: float = 16
+
+
+def _unknown(key: str, known, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return ValueError(f"unknown key '{key}' in {where}{hint}")
+
+
+def preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if (PRESETS / f"{name_or_path}.yaml").is_file():
+        return PRESETS / f"{name_or_path}.yaml"
+    names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    raise ValueError(f"config not found: {name_or_path} (not a file, nor a preset: {names})")
+
+
+def load_config(name_or_path: str) -> RunConfig:
+    """Read and validate a YAML run config (a path or a preset name); errors name the key and value."""
+    path = preset_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({str(e).splitlines()[0]})")
+    return parse_config(raw, str(path))
+
+
+def parse_config(raw: dict, where: str = "config") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping of sections {', '.join(SECTIONS)}")
+    for section, value in raw.items():
+        if section not in SECTIONS:
+            raise _unknown(section, SECTIONS, where)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{where}: section '{section}' must be a mapping, got {value!r}")
+        for key in (value or {}) if SECTIONS[section] else ():
+            if key not in SECTIONS[section]:
+                raise _unknown(key, SECTIONS[section], f"{where} section '{section}'")
+    model, video = raw.get("model") or {}, raw.get("video") or {}
+    config = RunConfig(alg=ALGConfig.from_dict(raw.get("alg")))
+    if model.get("path") is not None:
+        if not isinstance(model["path"], str) or not model["path"]:
+            raise ValueError(f"{where}: model.path must be a folder or hub repo id, got {model['path']!r}")
+        config.model = model["path"]
+    if model.get("dtype") is not None:
+        if model["dtype"] not in DTYPES:
+            raise ValueError(f"{where}: model.dtype must be one of {', '.join(DTYPES)}, got {model['dtype']!r}")
+        config.dtype = model["dtype"]
+    if video.get("fps") is not None:
+        fps = video["fps"]
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
+            raise ValueError(f"{where}: video.fps must be a number in (0, 240], got {fps!r}")
+        config.fps = fps
+    for key, value in (raw.get("generation") or {}).items():
+        if value is None:
+            continue
+        types = GENERATION[key]
+        wrong_bool = isinstance(value, bool) and types is not bool
+        if wrong_bool or not isinstance(value, types):
+            raise ValueError(f"{where}: generation.{key} has the wrong type: {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{where}: generation.{key} must not be negative, got {value!r}")
+        config.generation[key] = value
+    return config

@@ -1,0 +1,107 @@
+"""A tiny random Wan 2.1 I2V checkpoint in the real folder layout, written without diffusers.
+
+It has every file a real checkpoint has (model_index.json, config.json + safetensors per component, the
+tokenizer's spiece.model, the image processor and scheduler configs), with small sizes and random weights, so
+`python cli.py demo` runs the whole path offline on a CPU in seconds. The video it makes is noise.
+"""
+
+import io
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import read_json
+from .models.clip import CLIPVision, CLIPVisionConfig
+from .models.t5 import T5Config, T5Encoder
+from .models.wan import WanTransformer, WanTransformerConfig
+from .models.wan_vae import WanVAE, WanVAEConfig
+
+REAL = Path(__file__).parent / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers"
+TEXT = """a red ball bouncing on a wooden floor
+a car chase through narrow city streets at night
+a snowboarder doing a backflip off a jump
+a group of people whitewater rafting in a canyon
+a helicopter hovering over a rescue site
+a man swinging a tennis racquet at a tennis ball
+the quick brown fox jumps over the lazy dog 0123456789
+waves crash on the rocks while seagulls fly overhead"""
+
+
+def tiny_configs(vocab_size: int) -> dict:
+    """Small configs with the real configs' keys (diffusers/transformers spelling)."""
+    clip = dict(read_json(REAL / "image_encoder" / "config.json"), hidden_size=32, intermediate_size=64,
+                num_attention_heads=4, num_hidden_layers=3, image_size=28, patch_size=14, projection_dim=16)
+    transformer = dict(read_json(REAL / "transformer" / "config.json"), attention_head_dim=12, num_attention_heads=2,
+                       num_layers=2, ffn_dim=48, freq_dim=32, text_dim=32, image_dim=32, added_kv_proj_dim=24)
+    text = dict(read_json(REAL / "text_encoder" / "config.json"), vocab_size=vocab_size, d_model=32, d_kv=8,
+                d_ff=64, num_heads=4, num_layers=2, relative_attention_num_buckets=8,
+                relative_attention_max_distance=16)
+    vae = dict(read_json(REAL / "vae" / "config.json"), base_dim=8, dim_mult=[1, 2, 2, 2])
+    return {"transformer": transformer, "image_encoder": clip, "text_encoder": text, "vae": vae}
+
+
+def randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Finite random weights: scaled normal matrices, unit norm weights, small vectors."""
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            fan_in = p[0].numel()
+            p.data = torch.randn(p.shape, generator=generator) / fan_in ** 0.5
+        elif "norm" in name and name.endswith("weight"):
+            p.data = torch.ones(p.shape)
+        else:
+            p.data = torch.randn(p.shape, generator=generator) * 0.02
+
+
+def train_tokenizer(path: Path) -> int:
+    """A small sentencepiece model in T5's conventions (pad 0, eos 1, unk 2, no bos); returns its size."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 4), model_writer=model,
+                                   vocab_size=96, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, minloglevel=2)
+    path.write_bytes(model.getvalue())
+    return 96
+
+
+def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
+    """Write the checkpoint into `folder` (created); returns it."""
+    folder = Path(folder)
+    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+    vocab_size = train_tokenizer(folder / "tokenizer" / "spiece.model")
+    generator = torch.Generator().manual_seed(seed)
+    classes = {"transformer": (WanTransformer, WanTransformerConfig), "vae": (WanVAE, WanVAEConfig),
+               "text_encoder": (T5Encoder, T5Config), "image_encoder": (CLIPVision, CLIPVisionConfig)}
+    for sub, config in tiny_configs(vocab_size).items():
+        model_cls, config_cls = classes[sub]
+        module = model_cls(config_cls.from_dict(config))
+        randomize(module, generator)
+        tensors = {name: t.contiguous() for name, t in module.state_dict().items()}
+        if sub == "image_encoder":  # the published file's names: a prefix, and a projection we never use
+            tensors = {f"vision_model.{name}": t for name, t in tensors.items()}
+            tensors["visual_projection.weight"] = torch.randn(config["projection_dim"], config["hidden_size"],
+                                                              generator=generator)
+        (folder / sub).mkdir(exist_ok=True)
+        (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
+        stem = "diffusion_pytorch_model" if sub in ("transformer", "vae") else "model"
+        save_file(tensors, str(folder / sub / f"{stem}.safetensors"))
+    for sub in ("scheduler", "image_processor"):
+        (folder / sub).mkdir(exist_ok=True)
+        for file in (REAL / sub).iterdir():
+            (folder / sub / file.name).write_text(file.read_text())
+    processor = read_json(folder / "image_processor" / "preprocessor_config.json")
+    processor.update(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    (folder / "image_processor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    (folder / "model_index.json").write_text((REAL / "model_index.json").read_text())
+    return folder
+
+
+def demo_image(height: int = 40, width: int = 56) -> torch.Tensor:
+    """A smooth colour test image: (H, W, 3) uint8."""
+    y = torch.linspace(0, 1, height)[:, None].expand(height, width)
+    x = torch.linspace(0, 1, width)[None, :].expand(height, width)
+    disc = (((x - 0.4) ** 2 + (y - 0.5) ** 2) < 0.06).float()
+    rgb = torch.stack([0.8 * disc + 0.2 * x, 0.3 * y, 0.6 * (1 - disc) * (1 - x)], dim=-1)
+    return (rgb * 255).round().to(torch.uint8)

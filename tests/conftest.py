@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random checkpoints saved by diffusers/transformers in the real on-disk layout."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minialg.demo import tiny_configs, train_tokenizer
+
+REAL_CONFIGS = Path(__file__).resolve().parent.parent / "minialg" / "real_configs"
+
+
+def _strip(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory) -> Path:
+    """A tiny WanImageToVideoPipeline saved by diffusers (save_pretrained): the oracle's own layout."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, T5Tokenizer,
+                              UMT5Config, UMT5EncoderModel)
+
+    folder = tmp_path_factory.mktemp("tiny-wan")
+    spiece = folder / "spiece.model"
+    vocab_size = train_tokenizer(spiece)
+    tokenizer = T5Tokenizer(vocab_file=str(spiece), extra_ids=0, legacy=True)
+    configs = tiny_configs(vocab_size)
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(**_strip(configs["transformer"]))
+    vae = AutoencoderKLWan(**_strip(configs["vae"]))
+    text_encoder = UMT5EncoderModel(UMT5Config(**_strip(configs["text_encoder"])))
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**_strip(configs["image_encoder"])))
+    for model in (transformer, vae, text_encoder, image_encoder):  # default inits leave some weights at zero
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    processor = json.loads((REAL_CONFIGS / "Wan2.1-I2V-14B-480P-Diffusers/image_processor/preprocessor_config.json")
+                           .read_text())
+    processor.update(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor.pop("image_processor_type")
+    scheduler = UniPCMultistepScheduler.from_config(
+        json.loads((REAL_CONFIGS / "Wan2.1-I2V-14B-480P-Diffusers/scheduler/scheduler_config.json").read_text()))
+    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder,
+                                   image_processor=CLIPImageProcessor(**processor), transformer=transformer,
+                                   vae=vae, scheduler=scheduler)
+    pipe.save_pretrained(folder / "ckpt")
+    return folder / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def test_image() -> np.ndarray:
+    """A 40 x 60 RGB uint8 image with structure at every scale (so low-pass filtering changes it)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:40, 0:60] / 40.0
+    smooth = np.stack([np.sin(3 * x + 1), np.cos(2 * y), np.sin(2 * x + 3 * y)], axis=-1) * 0.35 + 0.5
+    image = smooth + rng.normal(0, 0.08, smooth.shape)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
