@@ -148,7 +148,7 @@ def plan(module: torch.nn.Module, folder: Path) -> dict[Path, list[tuple[str, st
 def load(model_cls, config_cls, folder: Path, device="cpu", dtype=torch.float32) -> torch.nn.Module:
     """Build on meta, check the headers, then stream each tensor straight to `device` in `dtype`.
 
-    Floating tensors whose name holds one of the module's `fp32_params` fragments stay float32.
+    Floating tensors with a dotted name part in the module's `fp32_params` stay float32 (diffusers' rule).
     """
     module = build(model_cls, config_cls, folder)
     keep_fp32 = getattr(module, "fp32_params", ())
@@ -157,7 +157,7 @@ def load(model_cls, config_cls, folder: Path, device="cpu", dtype=torch.float32)
             for file_name, module_name in names:
                 tensor = f.get_tensor(file_name)
                 if tensor.is_floating_point():
-                    fp32 = any(fragment in module_name for fragment in keep_fp32)
+                    fp32 = any(part in keep_fp32 for part in module_name.split("."))
                     tensor = tensor.to(torch.float32 if fp32 else dtype)
                 owner, _, leaf = module_name.rpartition(".")
                 sub = module.get_submodule(owner)
