@@ -95,8 +95,7 @@ def settle(family: Family, *, height=None, width=None, num_frames=None, num_infe
         raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps!r}")
     if not isinstance(run["max_sequence_length"], int) or run["max_sequence_length"] < 1:
         raise ValueError(f"max_sequence_length must be a positive integer, got {run['max_sequence_length']!r}")
-    if run["alg"].enabled:
-        lowpass.require_cfg(run["guidance_scale"])
+    lowpass.check_guidance_scale(run["alg"], run["guidance_scale"])
     return run
 
 
@@ -176,10 +175,10 @@ class Pipeline:
                     c_lp = condition_lp(s)
                     uncond, cond_lp, uncond_lp = self.denoise(
                         x, t, [condition, c_lp, c_lp], [text[1], text[0], text[1]], image_tokens)
-                    v = lowpass.guide(uncond, cond_lp, guidance_scale, uncond_lp)
+                    v = lowpass.guided(uncond, cond_lp, guidance_scale, uncond_lp)
                 elif cfg:
                     uncond, cond = self.denoise(x, t, [condition, condition], [text[1], text[0]], image_tokens)
-                    v = lowpass.guide(uncond, cond, guidance_scale)
+                    v = lowpass.guided(uncond, cond, guidance_scale)
                 else:
                     (v,) = self.denoise(x, t, [condition], [text[0]], image_tokens)
                 x = solver.step(v, i, x)
