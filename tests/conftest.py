@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints saved by diffusers/transformers in the real on-disk layout."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,10 @@ def tiny_wan(tmp_path_factory) -> Path:
                               UMT5Config, UMT5EncoderModel)
 
     folder = tmp_path_factory.mktemp("tiny-wan")
-    spiece = folder / "spiece.model"
+    (folder / "spm").mkdir()
+    spiece = folder / "spm" / "spiece.model"
     vocab_size = train_tokenizer(spiece)
-    tokenizer = T5Tokenizer(vocab_file=str(spiece), extra_ids=0, legacy=True)
+    tokenizer = T5Tokenizer.from_pretrained(folder / "spm", extra_ids=0)
     configs = tiny_configs(vocab_size)
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(**_strip(configs["transformer"]))
@@ -47,6 +49,7 @@ def tiny_wan(tmp_path_factory) -> Path:
                                    image_processor=CLIPImageProcessor(**processor), transformer=transformer,
                                    vae=vae, scheduler=scheduler)
     pipe.save_pretrained(folder / "ckpt")
+    shutil.copy(spiece, folder / "ckpt" / "tokenizer" / "spiece.model")  # transformers 5 saves tokenizer.json only
     return folder / "ckpt"
 
 
