@@ -154,7 +154,7 @@ class Pipeline:
             text = self.encode_text([prompt, negative_prompt] if cfg else [prompt], max_sequence_length)
         with timer("image"):
             image_tokens = self.encode_image(pixels)  # CLIP sees the image as given, like the reference
-            frame = media.to_model_input(media.resize(pixels, height, width)).to(self.device)  # (1, 3, H, W)
+            frame = media.to_model_input(media.resize(pixels, height, width, "lanczos")).to(self.device)  # (1,3,H,W)
         with timer("condition"):
             # noise first, then the condition: the reference's order of generator draws
             shape = (1, self.vae.config.z_dim, (num_frames - 1) // 4 + 1, height // 8, width // 8)

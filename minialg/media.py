@@ -1,0 +1,233 @@
+"""Image in, video out: decode an image (PyAV), resize it exactly as Pillow does, write an H.264 mp4."""
+
+import math
+import os
+import uuid
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+def load_image(image: "str | os.PathLike | np.ndarray | torch.Tensor") -> torch.Tensor:
+    """A path (PNG, JPEG, WebP, ...) or an HWC uint8 array/tensor -> (H, W, 3) uint8 RGB tensor.
+    Alpha is dropped and gray is repeated to three channels, as Pillow's convert("RGB") does."""
+    if isinstance(image, (str, os.PathLike)):
+        return _decode(Path(image))
+    x = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+    if x.dtype != torch.uint8:
+        raise ValueError(f"image array must be uint8, got {x.dtype}")
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 or x.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {tuple(x.shape)}")
+    return x[..., :3].expand(-1, -1, 3).contiguous() if x.shape[2] == 1 else x[..., :3].contiguous()
+
+
+def _decode(path: Path) -> torch.Tensor:
+    """Decode with FFmpeg; YUV images are converted to RGB here the way libjpeg / libwebp (Pillow's decoders)
+    do it, since swscale's chroma upsampling differs from theirs by up to tens of levels."""
+    if not path.is_file():
+        raise ValueError(f"cannot load image {path}: no such file")
+    try:
+        with av.open(str(path)) as container:
+            codec = container.streams.video[0].codec_context.name
+            frame = next(container.decode(video=0))
+    except (av.error.FFmpegError, IndexError, StopIteration) as e:
+        raise ValueError(f"cannot load image {path}: not a decodable image ({e})") from None
+    layout = frame.format.name.replace("yuvj", "yuv")
+    if codec == "mjpeg" and layout in ("yuv444p", "yuv422p", "yuv420p"):  # colour JPEG
+        y, cb, cr = (_plane(p) for p in frame.planes[:3])
+        cb, cr = (_jpeg_upsample(c, rows=layout == "yuv420p", cols=layout != "yuv444p") for c in (cb, cr))
+        return _jpeg_to_rgb(y, cb[: y.shape[0], : y.shape[1]], cr[: y.shape[0], : y.shape[1]])
+    if codec == "webp" and layout in ("yuv420p", "yuva420p"):  # lossy WebP (VP8)
+        y, u, v = (_plane(p) for p in frame.planes[:3])
+        u, v = (_webp_upsample(c)[: y.shape[0], : y.shape[1]] for c in (u, v))
+        return _webp_to_rgb(y, u, v)
+    return torch.from_numpy(frame.to_ndarray(format="rgb24"))
+
+
+def _plane(plane: "av.video.plane.VideoPlane") -> torch.Tensor:
+    rows = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)
+    return torch.from_numpy(rows[:, : plane.width].astype(np.int32))  # (h, w)
+
+
+def _shifted(c: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """c's neighbours before and after along dim, edges replicated."""
+    n = c.shape[dim]
+    before = torch.cat([c.narrow(dim, 0, 1), c.narrow(dim, 0, n - 1)], dim)
+    after = torch.cat([c.narrow(dim, 1, n - 1), c.narrow(dim, n - 1, 1)], dim)
+    return before, after
+
+
+def _jpeg_upsample(c: torch.Tensor, rows: bool, cols: bool) -> torch.Tensor:
+    """libjpeg's "fancy" chroma upsampling: each new sample is 3/4 nearest + 1/4 next nearest, per direction,
+    in integers (the vertical sums stay unrounded, x4) with its alternating rounding biases."""
+    if not cols:
+        return c
+    bias, shift = (1, 2), 2
+    if rows:  # (h, w) -> (2h, w), scaled by 4
+        above, below = _shifted(c, 0)
+        c = torch.stack([3 * c + above, 3 * c + below], dim=1).flatten(0, 1)
+        bias, shift = (8, 7), 4
+    left, right = _shifted(c, 1)
+    return torch.stack([(3 * c + left + bias[0]) >> shift, (3 * c + right + bias[1]) >> shift], 2).flatten(1)
+
+
+def _jpeg_to_rgb(y: torch.Tensor, cb: torch.Tensor, cr: torch.Tensor) -> torch.Tensor:
+    """libjpeg's full-range YCbCr -> RGB: 1.402, 0.34414, 0.71414, 1.772 in 16-bit fixed point."""
+    cb, cr = cb - 128, cr - 128
+    r = y + ((91881 * cr + 32768) >> 16)
+    g = y + ((-22554 * cb - 46802 * cr + 32768) >> 16)
+    b = y + ((116130 * cb + 32768) >> 16)
+    return torch.stack([r, g, b], dim=-1).clamp(0, 255).to(torch.uint8)  # (H, W, 3)
+
+
+def _webp_upsample(c: torch.Tensor) -> torch.Tensor:
+    """libwebp's fancy upsampling of a 4:2:0 plane (h, w) -> (2h, 2w): the same 9-3-3-1 weights as libjpeg,
+    rounded in two steps through the two diagonal averages."""
+    c = torch.cat([c[:1], c, c[-1:]])  # (h + 2, w): replicate edge rows
+    c = torch.cat([c[:, :1], c, c[:, -1:]], dim=1)  # (h + 2, w + 2)
+    a, b = c[:-1, :-1], c[:-1, 1:]  # top-left, top-right of each 2x2 window
+    l, r = c[1:, :-1], c[1:, 1:]  # bottom-left, bottom-right
+    total = a + b + l + r + 8
+    diag_br = (total + 2 * (b + l)) >> 3
+    diag_ad = (total + 2 * (a + r)) >> 3
+    top = torch.stack([(diag_br + a) >> 1, (diag_ad + b) >> 1], dim=2).flatten(1)  # (h + 1, 2w + 2)
+    bottom = torch.stack([(diag_ad + l) >> 1, (diag_br + r) >> 1], dim=2).flatten(1)
+    return torch.stack([top, bottom], dim=1).flatten(0, 1)[1:-1, 1:-1]  # (2h, 2w)
+
+
+def _webp_to_rgb(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """libwebp's limited-range BT.601 YUV -> RGB: 14-bit fixed-point products, 6 fractional bits kept."""
+    luma = (y * 19077) >> 8
+    r = luma + ((v * 26149) >> 8) - 14234
+    g = luma - ((u * 6419) >> 8) - ((v * 13320) >> 8) + 8708
+    b = luma + ((u * 33050) >> 8) - 17685
+    return (torch.stack([r, g, b], dim=-1) >> 6).clamp(0, 255).to(torch.uint8)  # (H, W, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resizing, bit-exact with Pillow's Image.resize: a separable convolution, one pass per axis, with weights in
+# fixed point (22 fractional bits) and the image rounded and clipped to uint8 after each pass.
+
+def _bicubic(x: torch.Tensor) -> torch.Tensor:
+    x = x.abs()  # Keys' cubic with a = -0.5
+    near = (1.5 * x - 2.5) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * -0.5
+    return torch.where(x < 1, near, torch.where(x < 2, far, 0.0))
+
+
+def _bilinear(x: torch.Tensor) -> torch.Tensor:
+    x = x.abs()
+    return torch.where(x < 1, 1.0 - x, 0.0)
+
+
+def _sinc(x: torch.Tensor) -> torch.Tensor:
+    px = x * math.pi
+    return torch.where(x == 0, 1.0, torch.sin(px) / px)
+
+
+def _lanczos(x: torch.Tensor) -> torch.Tensor:
+    return torch.where((x >= -3) & (x < 3), _sinc(x) * _sinc(x / 3), 0.0)
+
+
+FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0), "lanczos": (_lanczos, 3.0)}  # fn, support
+PIL_FILTERS = {1: "lanczos", 2: "bilinear", 3: "bicubic"}  # Pillow's Image.Resampling codes -> names
+PRECISION_BITS = 32 - 8 - 2
+
+
+def resize(image: torch.Tensor, height: int, width: int, filter: str = "bicubic") -> torch.Tensor:
+    """(H, W, C) uint8 -> (height, width, C) uint8, equal to Pillow's image.resize((width, height), filter)."""
+    if image.dtype != torch.uint8:
+        raise ValueError(f"resize expects a uint8 image, got {image.dtype}")
+    if filter not in FILTERS:
+        raise ValueError(f"unknown resize filter {filter!r}; expected one of {sorted(FILTERS)}")
+    in_height, in_width = image.shape[:2]
+    x = image
+    # Pillow 13 runs the vertical pass first when the height shrinks by over twice as many pixels as the width
+    if height < in_height and in_height - height > 2 * (in_width - width):
+        x = _resample(x.transpose(0, 1), height, filter).transpose(0, 1)  # (height, W, C)
+    if width != in_width:
+        x = _resample(x, width, filter)  # (H or height, width, C)
+    if x.shape[0] != height:
+        x = _resample(x.transpose(0, 1), height, filter).transpose(0, 1)  # (height, width, C)
+    return x.contiguous()
+
+
+def _resample(x: torch.Tensor, out_size: int, filter: str) -> torch.Tensor:
+    """Resample dim 1 of (N, L, C) uint8 to out_size."""
+    first, weights = _weights(x.shape[1], out_size, filter)  # (out,), (out, taps)
+    taps = torch.arange(weights.shape[1])
+    index = (first[:, None] + taps).clamp(max=x.shape[1] - 1)  # (out, taps); clamped taps have weight 0
+    acc = torch.full((x.shape[0], out_size, x.shape[2]), 1 << (PRECISION_BITS - 1), dtype=torch.int32)
+    pixels = x.int()
+    for t in range(weights.shape[1]):
+        acc += pixels[:, index[:, t]] * weights[:, t, None]  # (N, out, C)
+    return (acc >> PRECISION_BITS).clamp(0, 255).to(torch.uint8)
+
+
+def _weights(in_size: int, out_size: int, filter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """First input index and fixed-point weights of each output sample, computed in float64 in Pillow's
+    order of operations (so the rounding to integers matches)."""
+    fn, support = FILTERS[filter]
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)  # downscaling widens the filter
+    support = support * filter_scale
+    num_taps = math.ceil(support) * 2 + 1
+    center = (torch.arange(out_size, dtype=torch.float64) + 0.5) * scale  # (out,)
+    first = (center - support + 0.5).trunc().clamp(min=0).long()
+    count = (center + support + 0.5).trunc().clamp(max=in_size).long() - first
+    taps = torch.arange(num_taps)
+    pos = (first[:, None] + taps).double()  # (out, taps)
+    w = fn((pos - center[:, None] + 0.5) * (1.0 / filter_scale))
+    w = torch.where(taps < count[:, None], w, 0.0)
+    total = torch.zeros(out_size, dtype=torch.float64)
+    for t in range(num_taps):  # sequential sum, as Pillow adds them
+        total = total + w[:, t]
+    w = torch.where(total[:, None] != 0, w / total[:, None], w)
+    w = w * (1 << PRECISION_BITS)
+    return first, torch.where(w < 0, w - 0.5, w + 0.5).trunc().int()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model input and video output
+
+def to_model_input(image: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float32 in [-1, 1] (diffusers' VaeImageProcessor, no resize)."""
+    x = image.permute(2, 0, 1).float() / 255.0
+    return (2.0 * x - 1.0).unsqueeze(0)
+
+
+def write_video(frames: torch.Tensor, path: "str | os.PathLike", fps: float, crf: int = 18) -> None:
+    """(F, H, W, 3) float32 in [0, 1] -> H.264 (libx264, yuv420p) mp4 at path, written atomically: into a
+    temporary file beside it, renamed at the end; on any error the temporary file is removed.
+
+    Frames become uint8 as diffusers' export_to_video does it (x * 255, truncated). yuv420p needs even sizes:
+    an odd height or width gets its last row or column repeated once."""
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (F, H, W, 3), got {tuple(frames.shape)}")
+    path = Path(path)
+    pixels = (frames.detach().float().cpu().clamp(0, 1) * 255).to(torch.uint8)  # (F, H, W, 3)
+    if pixels.shape[1] % 2:
+        pixels = torch.cat([pixels, pixels[:, -1:]], dim=1)
+    if pixels.shape[2] % 2:
+        pixels = torch.cat([pixels, pixels[:, :, -1:]], dim=2)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.height, stream.width = pixels.shape[1], pixels.shape[2]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for frame in pixels.numpy():
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode(None))  # flush the encoder
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
