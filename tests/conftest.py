@@ -39,6 +39,8 @@ def tiny_wan(tmp_path_factory) -> Path:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
+    with torch.no_grad():
+        transformer.patch_embedding.weight.mul_(4)  # a denoiser that reacts visibly to its image condition
     processor = json.loads((REAL_CONFIGS / "Wan2.1-I2V-14B-480P-Diffusers/image_processor/preprocessor_config.json")
                            .read_text())
     processor.update(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})

@@ -1,0 +1,194 @@
+"""End to end: minialg's frames against diffusers' WanImageToVideoPipeline on a tiny checkpoint it saved.
+
+Without ALG the oracle is the diffusers pipeline itself. With ALG the oracle is built from ALG.md with the
+diffusers pipeline's own pieces (prompt/image encoding, latents and condition, scheduler, transformer, VAE)
+and an independent low-pass filter written here, plus the three-pass guidance combination.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minialg
+
+SIZE = dict(height=32, width=48, num_frames=9)
+PROMPT = "a red ball bouncing on a wooden floor"
+TOL = 5e-4  # max abs on [0, 1]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_wan):
+    from diffusers import WanImageToVideoPipeline
+
+    return WanImageToVideoPipeline.from_pretrained(tiny_wan, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_wan):
+    return minialg.load(tiny_wan, device="cpu", dtype=torch.float32)
+
+
+def pil(image):
+    from PIL import Image
+
+    return Image.fromarray(image)
+
+
+# ---- an independent ALG reference, straight from ALG.md ----
+
+def ref_strength(alg, i, n):
+    u = i / max(n - 1, 1)
+    kind = alg["lp_strength_schedule_type"]
+    if kind == "interval":
+        return 1.0 if alg["schedule_interval_start_time"] <= u <= alg["schedule_interval_end_time"] else 0.0
+    if kind == "linear":
+        start, end, end_time = (alg[k] for k in ("schedule_linear_start_weight", "schedule_linear_end_weight",
+                                                  "schedule_linear_end_time"))
+        if end_time <= 0:
+            return start
+        return end if u >= end_time else start * (1 - u / end_time) + end * (u / end_time)
+    if kind == "exponential":
+        return math.exp(-abs(alg["schedule_exp_decay_rate"]) * u)
+    return 1.0
+
+
+def ref_low_pass(x, alg, s):
+    """Filter a (B, C, H, W) or (B, C, F, H, W) tensor frame by frame, 2-D kernels as torchvision builds them."""
+    shape = x.shape
+    x = x.reshape(-1, 1, *shape[-2:])
+    if alg["lp_filter_type"] == "down_up":
+        r = 1 - (1 - alg["lp_resize_factor"]) * s
+        if r != 1:
+            h, w = shape[-2:]
+            small = (max(1, round(h * r)), max(1, round(w * r)))
+            x = F.interpolate(x, size=small, mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    elif alg["lp_filter_type"] == "gaussian_blur":
+        sigma, k = alg["lp_blur_sigma"] * s, alg["lp_blur_kernel_size"]
+        if sigma != 0:
+            if alg["schedule_blur_kernel_size"]:
+                k = max(int(k * s), 1) if isinstance(k, int) else k * s
+            k = k if isinstance(k, int) else max(int(k * shape[-2]), 1)
+            k += 1 - k % 2
+            taps = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
+            g = torch.exp(-0.5 * (taps / sigma) ** 2)
+            g = g / g.sum()
+            kernel = (g[:, None] * g[None, :])[None, None]
+            x = F.conv2d(F.pad(x, [k // 2] * 4, mode="reflect"), kernel)
+    return x.reshape(shape)
+
+
+@torch.no_grad()
+def reference_alg(pipe, image, alg, *, guidance_scale, steps, seed=42):
+    """ALG.md sections 1-5 for Wan, with the diffusers pipeline's pieces."""
+    h, w, f = SIZE["height"], SIZE["width"], SIZE["num_frames"]
+    generator = torch.Generator("cpu").manual_seed(seed)
+    prompt_embeds, negative_embeds = pipe.encode_prompt(PROMPT, "", True, max_sequence_length=512, device="cpu")
+    image_embeds = pipe.encode_image(pil(image), "cpu")
+    frame = pipe.video_processor.preprocess(pil(image), height=h, width=w).float()
+    latents, condition = pipe.prepare_latents(frame, 1, 16, h, w, f, torch.float32, "cpu", generator)
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    pipe.scheduler.set_timesteps(steps)
+
+    def denoise(cond, text, t):
+        return pipe.transformer(torch.cat([latents, cond], 1), t.expand(1), text, image_embeds, return_dict=False)[0]
+
+    for i, t in enumerate(pipe.scheduler.timesteps):
+        s = ref_strength(alg, i, steps)
+        if s != 0:
+            if alg["lp_filter_in_latent"]:
+                c_lp = ref_low_pass(condition, alg, s)
+            else:
+                lp = ref_low_pass(frame, alg, s)[:, :, None]
+                video = torch.cat([lp, lp.new_zeros(1, 3, f - 1, h, w)], dim=2)
+                z = pipe.vae.encode(video).latent_dist.sample(generator)
+                c_lp = torch.cat([condition[:, :4], (z - mean) * inv_std], dim=1)
+            uncond = denoise(condition, negative_embeds, t)
+            v = uncond + guidance_scale * (denoise(c_lp, prompt_embeds, t) - denoise(c_lp, negative_embeds, t))
+        else:
+            uncond = denoise(condition, negative_embeds, t)
+            v = uncond + guidance_scale * (denoise(condition, prompt_embeds, t) - uncond)
+        latents = pipe.scheduler.step(v, t, latents, return_dict=False)[0]
+    video = pipe.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+    return pipe.video_processor.postprocess_video(video, output_type="np")[0]
+
+
+ALG_BASE = dict(use_low_pass_guidance=True, lp_filter_type="down_up", lp_filter_in_latent=True, lp_blur_sigma=15.0,
+                lp_blur_kernel_size=0.02734375, lp_resize_factor=0.25, lp_strength_schedule_type="none",
+                schedule_blur_kernel_size=False, schedule_interval_start_time=0.0, schedule_interval_end_time=0.05,
+                schedule_linear_start_weight=1.0, schedule_linear_end_weight=0.0, schedule_linear_end_time=0.5,
+                schedule_exp_decay_rate=10.0)
+ALG_CASES = {
+    "down_up-latent-interval": dict(lp_resize_factor=0.4, lp_strength_schedule_type="interval",
+                                    schedule_interval_end_time=0.5),
+    "gaussian-latent-linear-scheduled-kernel": dict(lp_filter_type="gaussian_blur", lp_blur_sigma=10.0,
+                                                    lp_blur_kernel_size=0.9, lp_strength_schedule_type="linear",
+                                                    schedule_linear_end_weight=0.5, schedule_linear_end_time=1.0,
+                                                    schedule_blur_kernel_size=True),
+    "down_up-pixel-exponential": dict(lp_filter_in_latent=False, lp_strength_schedule_type="exponential",
+                                      schedule_exp_decay_rate=-3.0),
+    "gaussian-pixel-int-kernel": dict(lp_filter_type="gaussian_blur", lp_filter_in_latent=False, lp_blur_sigma=3.0,
+                                      lp_blur_kernel_size=7, lp_strength_schedule_type="interval",
+                                      schedule_interval_end_time=0.4),
+}
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0], ids=["cfg", "no-cfg"])
+def test_frames_match_diffusers(reference, ours, test_image, guidance_scale):
+    expected = reference(image=pil(test_image), prompt=PROMPT, guidance_scale=guidance_scale, num_inference_steps=4,
+                         generator=torch.Generator("cpu").manual_seed(42), output_type="np", **SIZE).frames[0]
+    frames = ours(test_image, PROMPT, guidance_scale=guidance_scale, num_inference_steps=4, seed=42, progress=False,
+                  **SIZE)
+    assert frames.dtype == torch.float32 and frames.shape == (9, 32, 48, 3) and frames.device.type == "cpu"
+    assert np.abs(frames.numpy() - expected).max() < TOL
+    assert frames.std() > 0.01  # a real video, not a constant
+
+
+@pytest.mark.parametrize("case", ALG_CASES)
+def test_alg_frames_match_the_alg_reference(reference, ours, test_image, case):
+    alg = dict(ALG_BASE, **ALG_CASES[case])
+    expected = reference_alg(reference, test_image, alg, guidance_scale=5.0, steps=5)
+    frames = ours(test_image, PROMPT, guidance_scale=5.0, num_inference_steps=5, seed=42, alg=alg, progress=False,
+                  **SIZE)
+    gap = np.abs(frames.numpy() - expected).max()
+    assert gap < TOL
+    plain = ours(test_image, PROMPT, guidance_scale=5.0, num_inference_steps=5, seed=42, progress=False, **SIZE)
+    effect = (frames - plain).abs().max().item()
+    assert effect > 1e-4 and effect > 20 * gap  # ALG changed the video far more than the gap to the reference
+
+
+def test_same_seed_same_video_other_seed_other_video(ours, test_image):
+    a = ours(test_image, PROMPT, num_inference_steps=2, seed=7, progress=False, **SIZE)
+    b = ours(test_image, PROMPT, num_inference_steps=2, seed=7, progress=False, **SIZE)
+    c = ours(test_image, PROMPT, num_inference_steps=2, seed=8, progress=False, **SIZE)
+    assert torch.equal(a, b) and (a - c).abs().max() > 1e-3
+
+
+def test_alg_needs_cfg(ours, test_image):
+    with pytest.raises(ValueError, match="guidance"):
+        ours(test_image, PROMPT, guidance_scale=1.0, alg=dict(ALG_BASE, **ALG_CASES["down_up-latent-interval"]),
+             progress=False, **SIZE)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(height=30), "height must be a positive multiple of 16"),
+    (dict(width=50), "width must be a positive multiple of 16"),
+    (dict(num_inference_steps=0), "num_inference_steps must be at least 1"),
+    (dict(num_frames=0), "num_frames must be a positive integer"),
+    (dict(alg={"lp_resize_facor": 0.4}), "lp_resize_facor.*lp_resize_factor"),
+])
+def test_bad_requests_fail_before_any_compute(ours, test_image, kwargs, message):
+    args = dict(SIZE, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        ours(test_image, PROMPT, progress=False, **args)
+
+
+def test_num_frames_not_4k_plus_1_is_rounded_with_a_warning(ours, test_image):
+    with pytest.warns(UserWarning, match="rounding 11 to 9"):
+        frames = ours(test_image, PROMPT, num_inference_steps=1, progress=False,
+                      **dict(SIZE, num_frames=11))
+    assert frames.shape[0] == 9

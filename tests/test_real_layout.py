@@ -1,0 +1,129 @@
+"""The real Wan 2.1 I2V 14B layout, checked from headers alone.
+
+The folder is built from the published configs with the reference libraries' own tensor names and shapes
+(diffusers/transformers modules on the meta device), sharded with index files like the published checkpoint,
+and written as sparse files: headers only, no tensor data on disk.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import minialg
+from minialg.checkpoint import CheckpointError
+from minialg.demo import train_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+WAN = ROOT / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers"
+DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2)}
+
+
+def write_sparse(path: Path, tensors: dict[str, tuple[tuple, torch.dtype]]) -> None:
+    """A safetensors file whose data region is a hole: the header is real, the data never written."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in tensors.items():
+        code, size = DTYPES[dtype]
+        nbytes = size * int(torch.Size(shape).numel())
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    path.unlink(missing_ok=True)  # never write through a hard link into another folder's file
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + offset)
+
+
+def write_component(folder: Path, stem: str, tensors: dict, shards: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    weight_map = {}
+    for i in range(shards):
+        file = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else f"{stem}.safetensors"
+        part = names[i * len(names) // shards:(i + 1) * len(names) // shards]
+        write_sparse(folder / file, {n: tensors[n] for n in part})
+        weight_map.update({n: file for n in part})
+    if shards > 1:
+        (folder / f"{stem}.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def reference_tensors(component: str) -> dict:
+    """Names, shapes and dtypes of the published files, from the reference classes built on meta."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
+
+    config = json.loads((WAN / component / "config.json").read_text())
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+    with torch.device("meta"):
+        model = {"transformer": lambda: WanTransformer3DModel(**kwargs),
+                 "vae": lambda: AutoencoderKLWan(**kwargs),
+                 "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**kwargs)),
+                 "image_encoder": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**kwargs))}[component]()
+    tensors = {name: (tuple(t.shape), torch.float32 if component in ("vae", "image_encoder") else torch.bfloat16)
+               for name, t in model.state_dict().items()}
+    tensors.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight: saved once
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def real_wan(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("real") / "Wan2.1-I2V-14B-480P-Diffusers"
+    for component, stem, shards in (("transformer", "diffusion_pytorch_model", 14), ("vae", "diffusion_pytorch_model", 1),
+                                    ("text_encoder", "model", 5), ("image_encoder", "model", 1)):
+        write_component(folder / component, stem, reference_tensors(component), shards)
+        shutil.copy(WAN / component / "config.json", folder / component / "config.json")
+    for sub in ("scheduler", "image_processor"):
+        shutil.copytree(WAN / sub, folder / sub)
+    shutil.copy(WAN / "model_index.json", folder / "model_index.json")
+    (folder / "tokenizer").mkdir()
+    train_tokenizer(folder / "tokenizer" / "spiece.model")
+    return folder
+
+
+def test_check_accepts_the_real_layout(real_wan):
+    summary = {row["component"]: row for row in minialg.check(real_wan)}
+    assert summary["transformer"]["files"] == 14
+    assert 16.0e9 < summary["transformer"]["parameters"] < 17.0e9  # the 14B model (16.4 B with the image branch)
+    assert 5.5e9 < summary["text_encoder"]["parameters"] < 6.0e9  # UMT5-XXL encoder
+    assert 0.6e9 < summary["image_encoder"]["parameters"] < 0.65e9  # ViT-H/14 tower, projection ignored
+    assert 0.12e9 < summary["vae"]["parameters"] < 0.13e9
+
+
+def test_check_cli_prints_a_summary(real_wan):
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "check", str(real_wan)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "transformer" in out.stdout and "WanTransformer" in out.stdout and "ok:" in out.stdout
+
+
+def test_check_names_a_mis_shaped_tensor_and_its_file(real_wan, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(real_wan, broken, copy_function=os.link)  # hard links: the sparse files stay unread
+    index = json.loads((broken / "transformer/diffusion_pytorch_model.safetensors.index.json").read_text())
+    file = index["weight_map"]["blocks.7.attn2.add_k_proj.weight"]
+    tensors = reference_tensors("transformer")
+    part = {n: tensors[n] for n, f in index["weight_map"].items() if f == file}
+    part["blocks.7.attn2.add_k_proj.weight"] = ((5120, 1024), torch.bfloat16)
+    write_sparse(broken / "transformer" / file, part)
+    with pytest.raises(CheckpointError, match=rf"'blocks.7.attn2.add_k_proj.weight' in .*{file} has shape"):
+        minialg.check(broken)
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "check", str(broken)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "blocks.7.attn2.add_k_proj.weight" in out.stderr and file in out.stderr
+
+
+def test_check_names_a_missing_tensor(real_wan, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(real_wan, broken, copy_function=os.link)  # hard links: the sparse files stay unread
+    tensors = reference_tensors("image_encoder")
+    del tensors["vision_model.encoder.layers.5.mlp.fc1.bias"]
+    write_sparse(broken / "image_encoder" / "model.safetensors", tensors)
+    with pytest.raises(CheckpointError, match="'encoder.layers.5.mlp.fc1.bias' missing from .*image_encoder"):
+        minialg.check(broken)
