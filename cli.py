@@ -76,7 +76,7 @@ def demo(args) -> None:
         folder = write_tiny_wan(Path(tmp) / "tiny-wan")
         pipe = minialg.load(folder, device="cpu", dtype=torch.float32)
         start = time.perf_counter()
-        frames = pipe(demo_image(), "a red ball bouncing", num_frames=9, height=32, width=48,
+        frames = pipe(demo_image(), "a red ball bouncing", num_frames=17, height=64, width=96,
                       num_inference_steps=args.steps, seed=args.seed, alg=load_config("wan_alg").alg)
         media.write_video(frames, Path(args.output_path), fps=16)
     print(f"wrote {args.output_path}: {frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "

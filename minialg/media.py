@@ -224,8 +224,10 @@ def write_video(frames: torch.Tensor, path: "str | os.PathLike", fps: float, crf
             stream.height, stream.width = pixels.shape[1], pixels.shape[2]
             stream.pix_fmt = "yuv420p"
             stream.options = {"crf": str(crf)}
-            for frame in pixels.numpy():
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            for index, rgb in enumerate(pixels.contiguous().numpy()):
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                frame.pts = index
+                container.mux(stream.encode(frame))
             container.mux(stream.encode(None))  # flush the encoder
         os.replace(tmp, path)
     except BaseException:
