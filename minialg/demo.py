@@ -29,16 +29,25 @@ the quick brown fox jumps over the lazy dog 0123456789
 waves crash on the rocks while seagulls fly overhead"""
 
 
-def tiny_configs(vocab_size: int) -> dict:
+SIZES = {  # width of each component: "tiny" for the demo and tests, "mid" for CPU benchmarks
+    "tiny": dict(dim=24, heads=2, layers=2, text=32, clip=32, clip_layers=3, image=28, vae=8),
+    "mid": dict(dim=512, heads=8, layers=4, text=256, clip=256, clip_layers=4, image=112, vae=32),
+}
+
+
+def tiny_configs(vocab_size: int, size: str = "tiny") -> dict:
     """Small configs with the real configs' keys (diffusers/transformers spelling)."""
-    clip = dict(read_json(REAL / "image_encoder" / "config.json"), hidden_size=32, intermediate_size=64,
-                num_attention_heads=4, num_hidden_layers=3, image_size=28, patch_size=14, projection_dim=16)
-    transformer = dict(read_json(REAL / "transformer" / "config.json"), attention_head_dim=12, num_attention_heads=2,
-                       num_layers=2, ffn_dim=48, freq_dim=32, text_dim=32, image_dim=32, added_kv_proj_dim=24)
-    text = dict(read_json(REAL / "text_encoder" / "config.json"), vocab_size=vocab_size, d_model=32, d_kv=8,
-                d_ff=64, num_heads=4, num_layers=2, relative_attention_num_buckets=8,
+    s = SIZES[size]
+    clip = dict(read_json(REAL / "image_encoder" / "config.json"), hidden_size=s["clip"],
+                intermediate_size=2 * s["clip"], num_attention_heads=4, num_hidden_layers=s["clip_layers"],
+                image_size=s["image"], patch_size=14, projection_dim=16)
+    transformer = dict(read_json(REAL / "transformer" / "config.json"), attention_head_dim=s["dim"] // s["heads"],
+                       num_attention_heads=s["heads"], num_layers=s["layers"], ffn_dim=2 * s["dim"], freq_dim=32,
+                       text_dim=s["text"], image_dim=s["clip"], added_kv_proj_dim=s["dim"])
+    text = dict(read_json(REAL / "text_encoder" / "config.json"), vocab_size=vocab_size, d_model=s["text"], d_kv=8,
+                d_ff=2 * s["text"], num_heads=4, num_layers=s["layers"], relative_attention_num_buckets=8,
                 relative_attention_max_distance=16)
-    vae = dict(read_json(REAL / "vae" / "config.json"), base_dim=8, dim_mult=[1, 2, 2, 2])
+    vae = dict(read_json(REAL / "vae" / "config.json"), base_dim=s["vae"], dim_mult=[1, 2, 2, 2])
     return {"transformer": transformer, "image_encoder": clip, "text_encoder": text, "vae": vae}
 
 
@@ -66,7 +75,7 @@ def train_tokenizer(path: Path) -> int:
     return 96
 
 
-def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
+def write_tiny_wan(folder: Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write the checkpoint into `folder` (created); returns it."""
     folder = Path(folder)
     (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
@@ -74,7 +83,7 @@ def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
     generator = torch.Generator().manual_seed(seed)
     classes = {"transformer": (WanTransformer, WanTransformerConfig), "vae": (WanVAE, WanVAEConfig),
                "text_encoder": (T5Encoder, T5Config), "image_encoder": (CLIPVision, CLIPVisionConfig)}
-    for sub, config in tiny_configs(vocab_size).items():
+    for sub, config in tiny_configs(vocab_size, size).items():
         model_cls, config_cls = classes[sub]
         module = model_cls(config_cls.from_dict(config))
         randomize(module, generator)
@@ -92,7 +101,8 @@ def write_tiny_wan(folder: Path, seed: int = 0) -> Path:
         for file in (REAL / sub).iterdir():
             (folder / sub / file.name).write_text(file.read_text())
     processor = read_json(folder / "image_processor" / "preprocessor_config.json")
-    processor.update(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    side = SIZES[size]["image"]
+    processor.update(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
     (folder / "image_processor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     (folder / "model_index.json").write_text((REAL / "model_index.json").read_text())
     return folder

@@ -1,0 +1,96 @@
+"""Benchmarks you can rerun: minialg against diffusers on the same checkpoint, inputs and settings.
+
+    python -m minialg.bench --compare-diffusers          # CPU: a mid-size random Wan checkpoint, whole runs
+
+Both pipelines load the same checkpoint folder (written by minialg.demo in the real layout, random weights) and
+make the same video (same seed, size, steps, guidance, ALG preset); each run is timed end to end, the median of
+`--repeats` runs is reported, and the two outputs are compared. A JSON report goes to --report.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import minialg
+from minialg.config import load_config
+from minialg.demo import demo_image, write_tiny_wan
+
+
+def time_runs(run, repeats: int) -> tuple[float, object]:
+    """Median wall time of `repeats` calls after one warm-up call; returns (seconds, last output)."""
+    out = run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def cpu_wan(size: str, steps: int, repeats: int, compare: bool, frames: int, height: int, width: int) -> dict:
+    """Whole CFG runs (the wan_default preset's settings at a small size) with minialg and diffusers, plus
+    minialg's ALG run (wan_alg preset): diffusers has no ALG, so that one has no diffusers twin."""
+    image = demo_image(height, width).numpy()
+    args = dict(num_frames=frames, height=height, width=width, num_inference_steps=steps, guidance_scale=5.0)
+    prompt = "a red ball bouncing on a wooden floor"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_tiny_wan(Path(tmp) / f"wan-{size}", size=size)
+        pipe = minialg.load(folder, device="cpu", dtype=torch.float32)
+        ours_s, ours = time_runs(lambda: pipe(image, prompt, seed=42, progress=False, **args), repeats)
+        report = {"model": f"Wan 2.1 I2V layout, '{size}' random weights", "device": "cpu", **args,
+                  "repeats": repeats, "minialg_s": round(ours_s, 3),
+                  "minialg_stages_s": {k: round(v, 3) for k, v in pipe.timings.items()}}
+        alg = load_config("wan_alg").alg
+        alg_s, _ = time_runs(lambda: pipe(image, prompt, seed=42, alg=alg, progress=False, **args), repeats)
+        report["minialg_alg_s"] = round(alg_s, 3)
+        if compare:
+            from diffusers import WanImageToVideoPipeline
+            from PIL import Image
+
+            reference = WanImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+            reference.set_progress_bar_config(disable=True)
+
+            def run_reference():
+                return reference(image=Image.fromarray(image), prompt=prompt, output_type="np",
+                                 generator=torch.Generator("cpu").manual_seed(42), **args).frames[0]
+
+            ref_s, ref = time_runs(run_reference, repeats)
+            report.update(diffusers_s=round(ref_s, 3), speedup=round(ref_s / ours_s, 3),
+                          max_abs_diff=float(np.abs(ours.numpy() - ref).max()))
+    return report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m minialg.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--compare-diffusers", action="store_true", help="time diffusers in the same run")
+    parser.add_argument("--size", default="mid", choices=["tiny", "mid"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--height", type=int, default=128)
+    parser.add_argument("--width", type=int, default=192)
+    parser.add_argument("--report", default="bench.json")
+    args = parser.parse_args(argv)
+    report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+              "runs": [cpu_wan(args.size, args.steps, args.repeats, args.compare_diffusers, args.frames,
+                               args.height, args.width)]}
+    Path(args.report).write_text(json.dumps(report, indent=2))
+    for run in report["runs"]:
+        line = f"{run['model']}: minialg {run['minialg_s']:.2f} s (with ALG {run['minialg_alg_s']:.2f} s)"
+        if "diffusers_s" in run:
+            line += (f", diffusers {run['diffusers_s']:.2f} s, speed-up x{run['speedup']:.2f}, "
+                     f"max |frames diff| {run['max_abs_diff']:.1e}")
+        print(line)
+    print(f"report: {args.report}")
+
+
+if __name__ == "__main__":
+    main()
