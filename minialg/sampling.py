@@ -1,19 +1,22 @@
-"""Flow-matching solvers: UniPC (Wan 2.1's default) and plain Euler.
+"""The solvers: UniPC (Wan 2.1's default) and plain Euler for flow matching; DDIM and DPM for CogVideoX.
 
 Flow matching interpolates x = (1 - sigma) * x0 + sigma * noise, sigma running from 1 (noise) to 0 (data), and the
-model predicts the velocity v = noise - x0, so x0 = x - sigma * v. Both solvers share one small interface:
+model predicts the velocity v = noise - x0, so x0 = x - sigma * v. CogVideoX is a DDPM-style model instead:
+x = sqrt(a) * x0 + sqrt(1 - a) * noise with a = alpha_bar(t) running from 0 (noise) to 1 (data), and it predicts
+v = sqrt(a) * noise - sqrt(1 - a) * x0, so x0 = sqrt(a) * x - sqrt(1 - a) * v. All solvers share one interface:
 
-    solver = make_solver("unipc", scheduler_config, num_steps)
-    for i, t in enumerate(solver.timesteps):   # (N,) the timesteps the model is called with
+    solver = make_solver("auto", scheduler_config, num_steps, generator=generator)  # the checkpoint's own
+    for i, t in enumerate(solver.timesteps):   # (N,) on the CPU, the timesteps the model is called with
         v = model(x, t)
-        x = solver.step(v, i, x)               # from sigmas[i] to sigmas[i + 1]
+        x = solver.step(v, i, x)               # from timesteps[i] to the next noise level
 
-A solver holds the state of one run (UniPC remembers its last model outputs): make a new one per run.
+A solver holds the state of one run (UniPC and DPM remember their last predictions, DPM draws noise from the run's
+generator): make a new one per run.
 
-The numerics follow diffusers' UniPCMultistepScheduler and FlowMatchEulerDiscreteScheduler op for op: schedules
-in float64 (numpy there, Python floats here), stored as float32; step coefficients as 0-dim float32 tensors on the
-CPU, which PyTorch treats as scalars on any device, so a step never waits for the GPU; sample-sized arithmetic in
-the sample's dtype.
+The numerics follow diffusers' UniPCMultistepScheduler, FlowMatchEulerDiscreteScheduler, CogVideoXDDIMScheduler and
+CogVideoXDPMScheduler op for op: schedules in float64 (numpy there, Python floats here) or in the tensor dtype
+diffusers uses; step coefficients as 0-dim tensors on the CPU, which PyTorch treats as scalars on any device, so a
+step never waits for the GPU; sample-sized arithmetic in the sample's dtype.
 """
 
 import torch
@@ -188,15 +191,191 @@ class FlowEuler:
         return (x.float() + dt * velocity).to(velocity.dtype)
 
 
-Solver = UniPC | FlowEuler
-SOLVERS = {"unipc": UniPC, "euler": FlowEuler}
+def _cogvideox_alphas(config: dict) -> torch.Tensor:
+    """alpha_bar(t) for t = 0 .. T-1 of CogVideoX's DDPM schedule, in diffusers' dtype: float64 for scaled_linear
+    betas, float32 for linear ones. SNR-shifted as in SD3 (alpha_bar / (s + (1 - s) * alpha_bar)), then optionally
+    rescaled to zero terminal SNR (Lin et al. 2023, arXiv:2305.08891): sqrt(alpha_bar) shifted so its last value is
+    0 and scaled so its first value stays put."""
+    _require(config, "beta_schedule", ("scaled_linear", "linear"), "scaled_linear")
+    _require(config, "trained_betas", (None,), None)
+    n_train = config.get("num_train_timesteps", 1000)
+    beta_start, beta_end = config.get("beta_start", 0.00085), config.get("beta_end", 0.012)
+    if config.get("beta_schedule", "scaled_linear") == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, n_train, dtype=torch.float64) ** 2
+    else:
+        betas = torch.linspace(beta_start, beta_end, n_train, dtype=torch.float32)
+    alphas = torch.cumprod(1.0 - betas, dim=0)
+    shift = config.get("snr_shift_scale", 3.0)
+    alphas = alphas / (shift + (1 - shift) * alphas)
+    if config.get("rescale_betas_zero_snr", False):
+        root = alphas.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        root = (root - last) * (first / (first - last))
+        alphas = root ** 2
+    return alphas
 
 
-def make_solver(name: str, scheduler_config: dict, num_steps: int, flow_shift: float | None = None) -> Solver:
-    """A fresh solver for one run: "unipc" (the Wan default) or "euler", set up from the checkpoint's scheduler
-    config; flow_shift overrides the config's."""
+def _cogvideox_timesteps(config: dict, num_steps: int) -> list[int]:
+    """The N inference timesteps, from high noise to low, as diffusers' set_timesteps spaces them.
+
+    "trailing" is round(T - k * T / N) - 1 in numpy.arange's arithmetic. For some N (61, 103, ...) numpy's
+    arange also yields a last point ~1e-13 from 0, which diffusers keeps as a spurious extra timestep -1 (a step
+    from the fully denoised sample back to alpha_bar(T - 1) = 0); we drop it and keep the N real steps.
+    """
+    _require(config, "timestep_spacing", ("trailing", "leading", "linspace"), "leading")
+    n_train, spacing = config.get("num_train_timesteps", 1000), config.get("timestep_spacing", "leading")
+    if num_steps > n_train:
+        raise ValueError(f"num_steps={num_steps} exceeds the scheduler config's num_train_timesteps={n_train}")
+    if spacing == "trailing":
+        start = float(n_train)
+        delta = (start - n_train / num_steps) - start  # numpy.arange fills start + k * delta
+        return [round(start + k * delta) - 1 for k in range(num_steps)]
+    if spacing == "leading":
+        stride, offset = n_train // num_steps, config.get("steps_offset", 0)
+        if (num_steps - 1) * stride + offset >= n_train:
+            raise ValueError(f"scheduler config steps_offset={offset} puts the first of {num_steps} steps past "
+                             f"num_train_timesteps={n_train}")
+        return [k * stride + offset for k in reversed(range(num_steps))]
+    return [round(t) for t in reversed(_linspace(0, n_train - 1, num_steps))]
+
+
+def _cogvideox_schedule(config: dict, num_steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
+    """What CogVideoX's DDIM and DPM step between: (timesteps (N,) int64, alpha_bar at each (N,), alpha_bar at the
+    step's target (N,), whether that target is the final one).
+
+    The target of a step from t is t - T // N (diffusers' "previous timestep"), not the next inference timestep:
+    the two can differ (by one with trailing spacing where T / N is not an integer). Below 0 the target is the
+    final alpha_bar: 1 (set_alpha_to_one) or alpha_bar(0).
+    """
+    _require(config, "prediction_type", ("v_prediction",), "epsilon")
+    alphas = _cogvideox_alphas(config)
+    final = torch.tensor(1.0, dtype=alphas.dtype) if config.get("set_alpha_to_one", True) else alphas[0]
+    timesteps = _cogvideox_timesteps(config, num_steps)
+    targets = [t - config.get("num_train_timesteps", 1000) // num_steps for t in timesteps]
+    alphas_next = torch.stack([alphas[s] if s >= 0 else final for s in targets])
+    return (torch.tensor(timesteps, dtype=torch.int64), alphas[timesteps], alphas_next, [s < 0 for s in targets])
+
+
+class DDIM:
+    """Deterministic DDIM (Song et al. 2020, arXiv:2010.02502) on v-predictions, as CogVideoX runs it.
+
+    From alpha_bar a to a' it keeps the x0 prediction and rescales the noise part:
+
+        x' = sqrt(a') * x0 + sqrt(1 - a') * eps = A * x + (sqrt(a') - sqrt(a) * A) * x0,  A = sqrt((1 - a') / (1 - a)).
+    """
+
+    def __init__(self, timesteps: torch.Tensor, alphas: torch.Tensor, alphas_next: torch.Tensor):
+        self.timesteps = timesteps  # (N,) int64 on the CPU, what the model sees
+        self.alphas = alphas  # (N,) alpha_bar at each timestep, on the CPU
+        self.alphas_next = alphas_next  # (N,) alpha_bar each step lands on
+
+    @classmethod
+    def from_config(cls, config: dict, num_steps: int) -> "DDIM":
+        """Build from a CogVideoXDDIMScheduler (or CogVideoXDPMScheduler) config."""
+        timesteps, alphas, alphas_next, _ = _cogvideox_schedule(config, num_steps)
+        return cls(timesteps, alphas, alphas_next)
+
+    def step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The sample at the next noise level, cast back to x's dtype."""
+        alpha, alpha_next = self.alphas[i], self.alphas_next[i]
+        x0 = alpha ** 0.5 * x - (1 - alpha) ** 0.5 * v
+        a = ((1 - alpha_next) / (1 - alpha)) ** 0.5
+        b = alpha_next ** 0.5 - alpha ** 0.5 * a
+        return (a * x + b * x0).to(x.dtype)
+
+
+class DPM:
+    """CogVideoX's stochastic DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095), on v-predictions.
+
+    In lambda = log sqrt(a / (1 - a)), a step from a to a' of size h = lambda' - lambda is
+
+        x' = sqrt((1 - a') / (1 - a)) * e^-h * x + sqrt(a') * (1 - e^-2h) * D + sqrt(1 - a') * sqrt(1 - e^-2h) * z,
+
+    with z fresh Gaussian noise and D the x0 prediction m, or, from the second step on and except into the final
+    alpha_bar, the multistep estimate (1 + 1 / 2r) * m - 1 / 2r * m_last, r = h_last / h. Like diffusers, a
+    multistep step draws z twice (the first draw is its unused first-order update's), so the generator's state
+    follows the reference draw for draw.
+    """
+
+    def __init__(self, timesteps: torch.Tensor, alphas: torch.Tensor, alphas_next: torch.Tensor,
+                 to_final: list[bool], generator: torch.Generator | None = None):
+        self.timesteps = timesteps  # (N,) int64 on the CPU, what the model sees
+        self.alphas = alphas  # (N,) alpha_bar at each timestep, on the CPU
+        self.alphas_next = alphas_next  # (N,) alpha_bar each step lands on
+        self.to_final = to_final  # (N,) whether a step lands on the final alpha_bar (then first order)
+        self.generator = generator  # the run's generator (None: torch's global one)
+        self.last_x0: torch.Tensor | None = None  # the previous step's x0 prediction
+
+    @classmethod
+    def from_config(cls, config: dict, num_steps: int, generator: torch.Generator | None = None) -> "DPM":
+        """Build from a CogVideoXDPMScheduler (or CogVideoXDDIMScheduler) config."""
+        return cls(*_cogvideox_schedule(config, num_steps), generator)
+
+    def step(self, v: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The sample at the next noise level, cast back to x's dtype; draws noise shaped like x."""
+        alpha, alpha_next = self.alphas[i], self.alphas_next[i]
+        x0 = alpha ** 0.5 * x - (1 - alpha) ** 0.5 * v
+        lam, lam_next = self._lambda(alpha), self._lambda(alpha_next)
+        h = lam_next - lam
+        x_scale = ((1 - alpha_next) / (1 - alpha)) ** 0.5 * (-h).exp()
+        x0_scale = (-2 * h).expm1() * alpha_next ** 0.5  # -sqrt(a') * (1 - e^-2h)
+        noise_scale = (1 - alpha_next) ** 0.5 * (1 - (-2 * h).exp()) ** 0.5
+        noise = self._noise(x)
+        if i == 0 or self.to_final[i]:
+            x_next = x_scale * x - x0_scale * x0 + noise_scale * noise
+        else:
+            r = (lam - self._lambda(self.alphas[i - 1])) / h
+            x0_multistep = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * self.last_x0
+            noise = self._noise(x)
+            x_next = x_scale * x - x0_scale * x0_multistep + noise_scale * noise
+        self.last_x0 = x0
+        return x_next.to(x.dtype)
+
+    @staticmethod
+    def _lambda(alpha: torch.Tensor) -> torch.Tensor:
+        """log sqrt(a / (1 - a)): -inf at a = 0 (zero terminal SNR), +inf at a = 1."""
+        return ((alpha / (1 - alpha)) ** 0.5).log()
+
+    def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like x in x's dtype, drawn on the generator's device and moved to x's (as
+        diffusers' randn_tensor draws)."""
+        device = x.device if self.generator is None else self.generator.device
+        return torch.randn(x.shape, generator=self.generator, device=device, dtype=x.dtype).to(x.device)
+
+
+Solver = UniPC | FlowEuler | DDIM | DPM
+SOLVERS = {"unipc": UniPC, "euler": FlowEuler, "ddim": DDIM, "dpm": DPM}
+# The solver that reproduces each diffusers scheduler, for make_solver("auto", ...).
+SCHEDULER_SOLVERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
+                     "CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"}
+
+
+def make_solver(name: str | None, scheduler_config: dict, num_steps: int, flow_shift: float | None = None,
+                generator: torch.Generator | None = None) -> Solver:
+    """A fresh solver for one run, set up from the checkpoint's scheduler config.
+
+    name: "auto" or None picks the solver of the config's own scheduler (its `_class_name`: UniPC for Wan 2.1,
+    DDIM for CogVideoX); "unipc" or "euler" for flow-matching configs, "ddim" or "dpm" for CogVideoX configs, any
+    of a family on a config of the same family. flow_shift overrides a flow config's shift; generator is the
+    run's noise source, used by DPM only.
+    """
+    if name in (None, "auto"):
+        scheduler = scheduler_config.get("_class_name")
+        if scheduler not in SCHEDULER_SOLVERS:
+            raise ValueError(f"scheduler config _class_name={scheduler!r} has no solver (known: "
+                             f"{', '.join(SCHEDULER_SOLVERS)}); name one of {sorted(SOLVERS)}")
+        name = SCHEDULER_SOLVERS[scheduler]
     if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r} (choose one of {sorted(SOLVERS)})")
+        raise ValueError(f"unknown solver {name!r} (choose one of {sorted(SOLVERS)} or 'auto')")
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    return SOLVERS[name].from_config(scheduler_config, num_steps, flow_shift)
+    try:
+        if name in ("unipc", "euler"):
+            return SOLVERS[name].from_config(scheduler_config, num_steps, flow_shift)
+        if flow_shift is not None:
+            raise ValueError(f"flow_shift={flow_shift} applies to the flow-matching solvers only")
+        if name == "ddim":
+            return DDIM.from_config(scheduler_config, num_steps)
+        return DPM.from_config(scheduler_config, num_steps, generator)
+    except ValueError as error:
+        raise ValueError(f"solver {name!r}: {error}") from None
