@@ -137,13 +137,15 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
                  guidance_scale: float | None = None, seed: int = 42, alg=None,
                  max_sequence_length: int | None = None, use_dynamic_cfg: bool = False,
-                 flow_shift: float | None = None, solver: str = "unipc", progress: bool = True) -> torch.Tensor:
+                 flow_shift: float | None = None, solver: str = "auto", progress: bool = True) -> torch.Tensor:
         """Generate a video: float32 (frames, height, width, 3) in [0, 1], on the CPU."""
         run = settle(self.family, height=height, width=width, num_frames=num_frames,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, alg=alg,
                      max_sequence_length=max_sequence_length)
         height, width, num_frames, guidance_scale, max_sequence_length, alg = (
             run[k] for k in ("height", "width", "num_frames", "guidance_scale", "max_sequence_length", "alg"))
+        if use_dynamic_cfg:
+            raise ValueError("use_dynamic_cfg is a CogVideoX option; Wan uses a constant guidance scale")
         use_alg, cfg = alg.enabled, guidance_scale > 1.0
         pixels = media.load_image(image)  # fail on a bad image before any compute
         self.timings.clear()
@@ -160,7 +162,7 @@ class Pipeline:
             shape = (1, self.vae.config.z_dim, (num_frames - 1) // 4 + 1, height // 8, width // 8)
             x = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
             condition = self.condition(frame, num_frames)  # (1, 4 + 16, T, h, w)
-        solver = make_solver(solver, self.scheduler_config, num_inference_steps, flow_shift=flow_shift)
+        solver = make_solver(solver, self.scheduler_config, num_inference_steps, flow_shift, generator)
 
         def condition_lp(s: float) -> torch.Tensor:
             if alg.lp_filter_in_latent:

@@ -10,8 +10,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 from minialg.sampling import FlowEuler, UniPC, make_solver
 
-WAN_SCHEDULER = Path("/work/shared/real_configs/Wan2.1-I2V-14B-480P-Diffusers/scheduler/scheduler_config.json")
-COGVIDEOX_SCHEDULER = Path("/work/shared/real_configs/CogVideoX-5b-I2V/scheduler/scheduler_config.json")
+WAN_SCHEDULER = (Path(__file__).resolve().parent.parent / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers/scheduler/scheduler_config.json")
+COGVIDEOX_SCHEDULER = (Path(__file__).resolve().parent.parent / "minialg" / "real_configs" / "CogVideoX-5b-I2V/scheduler/scheduler_config.json")
 STEPS = [1, 2, 3, 10, 50]
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from minialg.models.t5 import T5Config, T5Encoder, Tokenizer, clean_prompt, relative_position_buckets
 
-REAL_CONFIGS = Path("/work/shared/real_configs")
+REAL_CONFIGS = Path(__file__).resolve().parent.parent / "minialg" / "real_configs"
 REFERENCES = {"umt5": (transformers.UMT5Config, transformers.UMT5EncoderModel),
               "t5": (transformers.T5Config, transformers.T5EncoderModel)}
 EXTRA_IDS = 10

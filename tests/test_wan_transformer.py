@@ -9,7 +9,7 @@ from diffusers import WanTransformer3DModel
 
 from minialg.models.wan import WanTransformer, WanTransformerConfig
 
-REAL_CONFIG = Path("/work/shared/real_configs/Wan2.1-I2V-14B-480P-Diffusers/transformer/config.json")
+REAL_CONFIG = (Path(__file__).resolve().parent.parent / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers/transformer/config.json")
 
 TINY_I2V = dict(
     patch_size=(1, 2, 2),

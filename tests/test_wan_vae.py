@@ -10,7 +10,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from minialg.models.wan_vae import WanVAE, WanVAEConfig, sample_posterior
 
-REAL_CONFIG = Path("/work/shared/real_configs/Wan2.1-I2V-14B-480P-Diffusers/vae/config.json")
+REAL_CONFIG = (Path(__file__).resolve().parent.parent / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers/vae/config.json")
 
 TINY_CONFIGS = {
     # the real layout (dim_mult [1, 2, 4, 4], 2 res blocks, 16 latent channels), narrow
