@@ -20,7 +20,7 @@ import torch
 import minialg
 from minialg import checkpoint, media
 from minialg.config import load_config
-from minialg.pipeline import family_of, settle
+from minialg.pipeline import pipeline_class, settle
 
 
 def default_device() -> str:
@@ -42,8 +42,9 @@ def generate(args) -> None:
         raise ValueError(f"output folder does not exist: {output.parent}")
     image = media.load_image(args.image_path)  # every input checked before the model is loaded
     folder = checkpoint.resolve(model)
-    settle(family_of(folder), alg=config.alg, **{k: v for k, v in generation.items() if k in (
-        "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "max_sequence_length")})
+    settle(pipeline_class(folder).defaults_of(folder), alg=config.alg, **{k: v for k, v in generation.items() if k in (
+        "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "max_sequence_length",
+        "use_dynamic_cfg")})
     start = time.perf_counter()
     pipe = minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
                         offload_encoders=args.offload_encoders)
