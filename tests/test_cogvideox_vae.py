@@ -109,8 +109,9 @@ def test_tiled_decode(tile_size, overlap, latent_size):
     assert video.shape != untiled.shape or rel_err(video, untiled) > 1e-3
 
 
-@pytest.mark.parametrize("tile_size,overlap,video_size", [((48, 40), (1 / 6, 1 / 5), (64, 56)),
-                                                          ((32, 32), (0.25, 0.5), (48, 56))])  # fmt: skip
+@pytest.mark.parametrize(
+    "tile_size,overlap,video_size", [((48, 40), (1 / 6, 1 / 5), (64, 56)), ((32, 32), (0.25, 0.5), (48, 56))]
+)
 def test_tiled_encode(tile_size, overlap, video_size):
     ref = reference(**TINY_CONFIGS["latent4"])
     ours = CogVideoXVAE(CogVideoXVAEConfig.from_dict(dict(ref.config))).eval()

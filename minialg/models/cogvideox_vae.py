@@ -18,6 +18,8 @@ Tensor names equal those of diffusers' AutoencoderKLCogVideoX checkpoints (vae/d
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -255,7 +257,7 @@ class MidBlock(nn.Module):
 
 def temporal_levels(cfg: CogVideoXVAEConfig) -> int:
     """How many levels (the finest in the encoder, the coarsest in the decoder) halve or double time."""
-    return cfg.temporal_compression_ratio.bit_length() - 1  # log2
+    return int(math.log2(cfg.temporal_compression_ratio))
 
 
 class Encoder(nn.Module):
@@ -264,15 +266,12 @@ class Encoder(nn.Module):
     def __init__(self, cfg: CogVideoXVAEConfig):
         super().__init__()
         dims = cfg.block_out_channels
-        levels = len(dims)
+        levels, time_levels = len(dims), temporal_levels(cfg)
         self.conv_in = CausalConv3d(cfg.in_channels, dims[0], 3)
         self.down_blocks = nn.ModuleList(
-            [
-                DownBlock(dims[max(i - 1, 0)], dims[i], cfg, downsample=i < levels - 1,
-                          compress_time=i < temporal_levels(cfg))
-                for i in range(levels)
-            ]
-        )  # fmt: skip
+            DownBlock(dims[max(i - 1, 0)], dims[i], cfg, downsample=i < levels - 1, compress_time=i < time_levels)
+            for i in range(levels)
+        )
         self.mid_block = MidBlock(dims[-1], cfg)
         self.norm_out = nn.GroupNorm(cfg.norm_num_groups, dims[-1], eps=1e-6)
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.latent_channels, 3)
@@ -291,16 +290,13 @@ class Decoder(nn.Module):
     def __init__(self, cfg: CogVideoXVAEConfig):
         super().__init__()
         dims = cfg.block_out_channels[::-1]
-        levels = len(dims)
+        levels, time_levels = len(dims), temporal_levels(cfg)
         self.conv_in = CausalConv3d(cfg.latent_channels, dims[0], 3)
         self.mid_block = MidBlock(dims[0], cfg, latent_dim=cfg.latent_channels)
         self.up_blocks = nn.ModuleList(
-            [
-                UpBlock(dims[max(i - 1, 0)], dims[i], cfg, upsample=i < levels - 1,
-                        compress_time=i < temporal_levels(cfg))
-                for i in range(levels)
-            ]
-        )  # fmt: skip
+            UpBlock(dims[max(i - 1, 0)], dims[i], cfg, upsample=i < levels - 1, compress_time=i < time_levels)
+            for i in range(levels)
+        )
         self.norm_out = SpatialNorm3D(dims[-1], cfg.latent_channels, cfg.norm_num_groups)
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3)
 
@@ -377,9 +373,12 @@ class CogVideoXVAE(nn.Module):
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     def encode(
-        self, video: torch.Tensor, tiled: bool = False, tile_size: tuple[int, int] | None = None,
+        self,
+        video: torch.Tensor,
+        tiled: bool = False,
+        tile_size: tuple[int, int] | None = None,
         tile_overlap: tuple[float, float] = TILE_OVERLAP,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, T, H, W) in [-1, 1] -> posterior mean and logvar (clamped), each (B, C_z, T', H/8, W/8).
 
         T should be 1, 8k or 8k + 1 (T' = 1, 2k, 2k + 1). With tiled=True, a video larger than tile_size (in
@@ -398,9 +397,12 @@ class CogVideoXVAE(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(
-        self, z: torch.Tensor, tiled: bool = False, tile_size: tuple[int, int] | None = None,
+        self,
+        z: torch.Tensor,
+        tiled: bool = False,
+        tile_size: tuple[int, int] | None = None,
         tile_overlap: tuple[float, float] = TILE_OVERLAP,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """(B, C_z, T', h, w) latents -> video (B, 3, T, 8h, 8w), not clamped (about [-1, 1]).
 
         T = 8 T' for even T', 1 + 4 (T' - 1) for odd T' (frame batches: 1 -> 1, 2 -> 8, 3 -> 9, 13 -> 49).
