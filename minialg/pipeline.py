@@ -240,8 +240,9 @@ class CogVideoX(Pipeline):
     def defaults_of(folder: Path) -> dict:
         config = checkpoint.read_json(folder / "transformer" / "config.json")
         size = (config.get("sample_height", 60) * 8, config.get("sample_width", 90) * 8)
+        text_length = config.get("max_text_seq_length", 226)
         return dict(height=size[0], width=size[1], num_frames=config.get("sample_frames", 49), guidance_scale=6.0,
-                    max_sequence_length=226, max_text_length=config.get("max_text_seq_length", 226),
+                    max_sequence_length=text_length, max_text_length=text_length,
                     fixed_size=size if config.get("use_learned_positional_embeddings") else None,
                     frames_4k1=False, dynamic_cfg=True)
 
@@ -261,14 +262,13 @@ class CogVideoX(Pipeline):
         return x, condition, frame
 
     def condition(self, frame: torch.Tensor, num_frames: int, generator=None) -> torch.Tensor:
-        """c = scaled VAE latent (posterior sample) of the image, zero-padded to the latent frames: (1, F, C, h, w)."""
+        """c = the scaled VAE latent (a posterior sample) of the image, then zeros: (1, F, C, h, w)."""
         mean, logvar = self.vae.encode(frame[:, :, None])
         z = sample_posterior(mean, logvar, generator).to(self.dtype).permute(0, 2, 1, 3, 4)  # (1, 1, C, h, w)
         scale = self.vae.config.scaling_factor
         z = z / scale if self.vae.config.invert_scale_latents else scale * z
-        frames = self.latent_frames + self.extra_frames
-        c = torch.cat([z, z.new_zeros(1, frames - 1 - self.extra_frames, *z.shape[2:])], dim=1)
-        return torch.cat([c[:, :self.extra_frames], c], dim=1)  # 1.5: the first frame again in front
+        frames = self.latent_frames + self.extra_frames  # 1.5 pads the video, so the padding comes last too
+        return torch.cat([z, z.new_zeros(1, frames - 1, *z.shape[2:])], dim=1)
 
     def denoise(self, x, t, conditions: list, texts: list) -> tuple[torch.Tensor, ...]:
         n = len(conditions)
@@ -276,7 +276,7 @@ class CogVideoX(Pipeline):
         return self.transformer(batch, t.expand(n), torch.cat(texts)).float().chunk(n)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        z = x[:, self.extra_frames:].permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor
+        z = 1 / self.vae.config.scaling_factor * x[:, self.extra_frames:].permute(0, 2, 1, 3, 4)  # the reference's op
         return self.vae.decode(z)[0]
 
 

@@ -63,3 +63,51 @@ def test_image() -> np.ndarray:
     smooth = np.stack([np.sin(3 * x + 1), np.cos(2 * y), np.sin(2 * x + 3 * y)], axis=-1) * 0.35 + 0.5
     image = smooth + rng.normal(0, 0.08, smooth.shape)
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_tiny_cogvideox(folder: Path, version: str) -> Path:
+    """A tiny CogVideoXImageToVideoPipeline saved by diffusers: "1.0" (5b-I2V: learned positions + RoPE) or "1.5"
+    (temporal patches, ofs embedding, inverted latent scale)."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
+                           CogVideoXTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    real = REAL_CONFIGS / "CogVideoX-5b-I2V"
+    (folder / "spm").mkdir(parents=True)
+    spiece = folder / "spm" / "spiece.model"
+    vocab_size = train_tokenizer(spiece)
+    tokenizer = T5Tokenizer.from_pretrained(folder / "spm", extra_ids=0)
+    config = dict(_strip(json.loads((real / "transformer/config.json").read_text())), num_attention_heads=2,
+                  attention_head_dim=16, text_embed_dim=32, time_embed_dim=16, num_layers=2, sample_height=4,
+                  sample_width=6, sample_frames=9, max_text_seq_length=16)
+    vae_config = dict(_strip(json.loads((real / "vae/config.json").read_text())), block_out_channels=[8, 16, 16, 16],
+                      norm_num_groups=4, layers_per_block=1, sample_height=32, sample_width=48)
+    if version == "1.5":
+        config.update(patch_size_t=2, ofs_embed_dim=16, use_learned_positional_embeddings=False, patch_bias=False)
+        vae_config.update(invert_scale_latents=True)
+    torch.manual_seed(1)
+    transformer = CogVideoXTransformer3DModel(**config)
+    vae = AutoencoderKLCogVideoX(**vae_config)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_heads=4,
+                                           num_layers=2, relative_attention_num_buckets=8,
+                                           relative_attention_max_distance=16, feed_forward_proj="gated-gelu"))
+    for model in (transformer, vae, text_encoder):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    scheduler = CogVideoXDDIMScheduler.from_config(json.loads((real / "scheduler/scheduler_config.json").read_text()))
+    pipe = CogVideoXImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                         transformer=transformer, scheduler=scheduler)
+    pipe.save_pretrained(folder / "ckpt")
+    shutil.copy(spiece, folder / "ckpt" / "tokenizer" / "spiece.model")
+    return folder / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_cogvideox(tmp_path_factory) -> Path:
+    return save_tiny_cogvideox(tmp_path_factory.mktemp("tiny-cogvideox"), "1.0")
+
+
+@pytest.fixture(scope="session")
+def tiny_cogvideox15(tmp_path_factory) -> Path:
+    return save_tiny_cogvideox(tmp_path_factory.mktemp("tiny-cogvideox15"), "1.5")

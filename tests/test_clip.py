@@ -88,7 +88,7 @@ def test_real_config_keys_and_shapes_on_meta():
     with torch.device("meta"):
         ours = CLIPVision(CLIPVisionConfig.from_dict(config))
         ref = CLIPVisionModelWithProjection(RefConfig(**config))
-    assert ours.cfg.hidden_act == "gelu" and ours.cfg.num_hidden_layers == 32 and ours.cfg.patch_size == 14
+    assert ours.config.hidden_act == "gelu" and ours.config.num_hidden_layers == 32 and ours.config.patch_size == 14
     ref_shapes = {}
     for name, tensor in ref.state_dict().items():
         if (ours_name := CLIPVision.checkpoint_name(name)) is not None:

@@ -56,7 +56,7 @@ def load_ours(folder: Path) -> T5Encoder:
 def test_encoder_matches_reference(model_type, tmp_path):
     ref = save_tiny_reference(model_type, tmp_path)
     ours = load_ours(tmp_path)
-    assert ours.cfg.bias_in_every_block == (model_type == "umt5")
+    assert ours.config.bias_in_every_block == (model_type == "umt5")
 
     g = torch.Generator().manual_seed(1)
     L = 40
@@ -94,7 +94,7 @@ def test_state_dict_matches_real_configs(model_type, folder):
     with torch.device("meta"):
         ref = model_class(config_class.from_dict(d))
         ours = T5Encoder(T5Config.from_dict(d))
-    assert ours.cfg.model_type == model_type and ours.cfg.num_layers == 24
+    assert ours.config.model_type == model_type and ours.config.num_layers == 24
     expected = {T5Encoder.checkpoint_name(n): tuple(t.shape) for n, t in ref.state_dict().items()
                 if T5Encoder.checkpoint_name(n) is not None}
     assert {n: tuple(t.shape) for n, t in ours.state_dict().items()} == expected

@@ -183,7 +183,7 @@ def test_bf16_with_fp32_params(i2v_pair):
     expected_fp32 = ours(x, timestep, text, image)
 
     bf16 = lambda t: t.to(torch.bfloat16)  # noqa: E731
-    ours_bf16 = to_mixed_bf16(WanTransformer(ours.cfg).eval(), WanTransformer.fp32_params)
+    ours_bf16 = to_mixed_bf16(WanTransformer(ours.config).eval(), WanTransformer.fp32_params)
     ours_bf16.load_state_dict(ours.state_dict())  # copies into the existing dtypes
     assert ours_bf16.blocks[0].scale_shift_table.dtype == torch.float32
     assert ours_bf16.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16

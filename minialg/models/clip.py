@@ -109,7 +109,7 @@ class CLIPVision(nn.Module):
 
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.embeddings = Embeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the checkpoint's spelling
         self.encoder = Encoder(cfg)

@@ -318,7 +318,7 @@ class CogVideoXTransformer(nn.Module):
 
     def __init__(self, cfg: CogVideoXTransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         dim = cfg.num_attention_heads * cfg.attention_head_dim
         self.patch_embed = PatchEmbed(cfg)
         self.time_embedding = TimestepMLP(dim, cfg.time_embed_dim)
@@ -332,7 +332,7 @@ class CogVideoXTransformer(nn.Module):
 
     def embed_time(self, timestep: torch.Tensor, ofs: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """(B,) timesteps (and ofs, (B,) or (1,)) -> (B, E); features cast to `dtype` before the MLPs, as diffusers."""
-        cfg = self.cfg
+        cfg = self.config
         dim = cfg.num_attention_heads * cfg.attention_head_dim
         temb = self.time_embedding(timestep_sinusoid(timestep, dim, cfg.flip_sin_to_cos, cfg.freq_shift).to(dtype))
         if self.ofs_embedding is not None:
@@ -350,7 +350,7 @@ class CogVideoXTransformer(nn.Module):
         The learned table holds the sample size only (another height/width raises in forward); for another
         frame count diffusers falls back to the sin-cos table of that size, and so do we.
         """
-        cfg = self.cfg
+        cfg = self.config
         pos_embedding = self.patch_embed.pos_embedding
         if pos_embedding is not None and (f - 1) * cfg.temporal_compression_ratio + 1 == cfg.sample_frames:
             pos = pos_embedding.to(video.dtype)  # (1, T + L, D)
@@ -367,7 +367,7 @@ class CogVideoXTransformer(nn.Module):
         Positional tables are computed here from x's shape: for 1.0 models the frame count F (latent frames) and
         the patch grid H/p x W/p; for 1.5 the frame patches F/patch_size_t (F must divide) and the same grid.
         """
-        cfg = self.cfg
+        cfg = self.config
         _, num_frames, _, height, width = x.shape
         p, pt = cfg.patch_size, cfg.patch_size_t or 1
         if cfg.use_learned_positional_embeddings and (height, width) != (cfg.sample_height, cfg.sample_width):

@@ -166,7 +166,7 @@ class Block(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.block = nn.ModuleList(
             [Block(cfg, has_relative_bias=cfg.bias_in_every_block or i == 0) for i in range(cfg.num_layers)]
         )
@@ -175,7 +175,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         B, L, _ = x.shape
         buckets = relative_position_buckets(
-            L, self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance, x.device
+            L, self.config.relative_attention_num_buckets, self.config.relative_attention_max_distance, x.device
         )  # (L, L)
         for block in self.block:
             attention = block.layer[0].SelfAttention
@@ -197,7 +197,7 @@ class T5Encoder(nn.Module):
 
     def __init__(self, cfg: T5Config):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = Encoder(cfg)
 

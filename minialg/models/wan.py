@@ -279,7 +279,7 @@ class WanTransformer(nn.Module):
 
     def __init__(self, cfg: WanTransformerConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         dim = cfg.num_attention_heads * cfg.attention_head_dim
         out_channels = cfg.out_channels or cfg.in_channels
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -298,9 +298,9 @@ class WanTransformer(nn.Module):
     ) -> torch.Tensor:
         """x (B, C_in, F, H, W), timestep (B,), text (B, T, text_dim), image (B, I, image_dim) or None
         -> (B, C_out, F, H, W) in x's dtype."""
-        pf, ph, pw = self.cfg.patch_size
+        pf, ph, pw = self.config.patch_size
         f, h, w = x.shape[2] // pf, x.shape[3] // ph, x.shape[4] // pw
-        cos, sin = rope_cos_sin(self.cfg.attention_head_dim, f, h, w, x.device)  # (L, Dh/2) each
+        cos, sin = rope_cos_sin(self.config.attention_head_dim, f, h, w, x.device)  # (L, Dh/2) each
 
         x = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
         temb, modulation, text, image = self.condition_embedder(timestep, text, image)
@@ -308,7 +308,7 @@ class WanTransformer(nn.Module):
             x = block(x, text, image, modulation, cos, sin)
 
         shift, scale = (self.scale_shift_table + temb[:, None, :]).chunk(2, dim=1)  # (B, 1, D) each, float32
-        x = (fp32_layer_norm(x, self.cfg.eps) * (1 + scale) + shift).type_as(x)
+        x = (fp32_layer_norm(x, self.config.eps) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x)  # (B, L, pf*ph*pw*C_out)
         return rearrange(
             x, "b (f h w) (pf ph pw c) -> b c (f pf) (h ph) (w pw)", f=f, h=h, w=w, pf=pf, ph=ph, pw=pw
