@@ -5,7 +5,8 @@ The authors' command line works unchanged:
 plus our own flags (--seed, --device, --model, --negative_prompt, --dtype) and subcommands:
     python cli.py check MODEL            validate a checkpoint from its configs and headers, no tensor data read
     python cli.py download REPO_ID       fetch a checkpoint from the hub into weights/
-    python cli.py demo --output_path demo.mp4   the whole Wan path on a tiny random checkpoint, offline, on the CPU
+    python cli.py demo --output_path demo.mp4   a whole path (--family wan|cogvideox) on a tiny random checkpoint,
+                                                offline, on the CPU
 """
 
 import argparse
@@ -69,16 +70,16 @@ def download(args) -> None:
 
 
 def demo(args) -> None:
-    from minialg.demo import demo_image, write_tiny_wan
+    from minialg.demo import demo_image, write_tiny
 
-    print("demo: a tiny Wan checkpoint with RANDOM weights, written and run offline on the CPU; "
+    print(f"demo: a tiny {args.family} checkpoint with RANDOM weights, written and run offline on the CPU; "
           "the video is noise, the path through the code is the real one")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_tiny_wan(Path(tmp) / "tiny-wan")
+        folder = write_tiny(Path(tmp) / "tiny", args.family)
         pipe = minialg.load(folder, device="cpu", dtype=torch.float32)
         start = time.perf_counter()
         frames = pipe(demo_image(), "a red ball bouncing", num_frames=17, height=64, width=96,
-                      num_inference_steps=args.steps, seed=args.seed, alg=load_config("wan_alg").alg)
+                      num_inference_steps=args.steps, seed=args.seed, alg=load_config(f"{args.family}_alg").alg)
         media.write_video(frames, Path(args.output_path), fps=16)
     print(f"wrote {args.output_path}: {frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
           f"{args.steps} steps with ALG in {time.perf_counter() - start:.1f}s")
@@ -96,6 +97,7 @@ def main(argv=None) -> int:
         if argv[0] == "demo":
             parser.add_argument("--output_path", default="demo.mp4")
             parser.add_argument("--steps", type=int, default=8)
+            parser.add_argument("--family", default="wan", choices=["wan", "cogvideox"])
             parser.add_argument("--seed", type=int, default=42)
         command, args = commands[argv[0]], parser.parse_args(argv[1:])
     else:

@@ -20,7 +20,7 @@ import torch
 
 import minialg
 from minialg.config import load_config
-from minialg.demo import demo_image, write_tiny_wan
+from minialg.demo import demo_image, write_tiny
 
 
 def time_runs(runs: dict, repeats: int) -> dict:
@@ -43,7 +43,7 @@ def cpu_wan(size: str, steps: int, repeats: int, compare: bool, frames: int, hei
     args = dict(num_frames=frames, height=height, width=width, num_inference_steps=steps, guidance_scale=5.0)
     prompt = "a red ball bouncing on a wooden floor"
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_tiny_wan(Path(tmp) / f"wan-{size}", size=size)
+        folder = write_tiny(Path(tmp) / f"wan-{size}", "wan", size=size)
         pipe = minialg.load(folder, device="cpu", dtype=torch.float32)
         alg = load_config("wan_alg").alg
         runs = {"minialg": lambda: pipe(image, prompt, seed=42, progress=False, **args),

@@ -1,8 +1,8 @@
-"""A tiny random Wan 2.1 I2V checkpoint in the real folder layout, written without diffusers.
+"""Tiny random Wan 2.1 I2V and CogVideoX I2V checkpoints in the real folder layout, written without diffusers.
 
-It has every file a real checkpoint has (model_index.json, config.json + safetensors per component, the
-tokenizer's spiece.model, the image processor and scheduler configs), with small sizes and random weights, so
-`python cli.py demo` runs the whole path offline on a CPU in seconds. The video it makes is noise.
+Each has every file a real checkpoint has (model_index.json, config.json + safetensors per component, the
+tokenizer's spiece.model, the scheduler config, Wan's image processor config), with small sizes and random
+weights, so `python cli.py demo` runs a whole path offline on a CPU in seconds. The video it makes is noise.
 """
 
 import io
@@ -13,12 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import read_json
-from .models.clip import CLIPVision, CLIPVisionConfig
-from .models.t5 import T5Config, T5Encoder
-from .models.wan import WanTransformer, WanTransformerConfig
-from .models.wan_vae import WanVAE, WanVAEConfig
+from .pipeline import CogVideoX, Wan
 
 REAL = Path(__file__).parent / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers"
+REAL_COGVIDEOX = Path(__file__).parent / "real_configs" / "CogVideoX-5b-I2V"
 TEXT = """a red ball bouncing on a wooden floor
 a car chase through narrow city streets at night
 a snowboarder doing a backflip off a jump
@@ -51,6 +49,19 @@ def tiny_configs(vocab_size: int, size: str = "tiny") -> dict:
     return {"transformer": transformer, "image_encoder": clip, "text_encoder": text, "vae": vae}
 
 
+def tiny_cogvideox_configs(vocab_size: int) -> dict:
+    """CogVideoX-5b-I2V's configs, shrunk; its fixed size becomes 64 x 96 x 17 frames, its text 16 tokens."""
+    transformer = dict(read_json(REAL_COGVIDEOX / "transformer" / "config.json"), num_attention_heads=2,
+                       attention_head_dim=16, text_embed_dim=32, time_embed_dim=16, num_layers=2, sample_height=8,
+                       sample_width=12, sample_frames=17, max_text_seq_length=16)
+    vae = dict(read_json(REAL_COGVIDEOX / "vae" / "config.json"), block_out_channels=[8, 16, 16, 16],
+               norm_num_groups=4, layers_per_block=1, sample_height=64, sample_width=96)
+    text = dict(read_json(REAL_COGVIDEOX / "text_encoder" / "config.json"), vocab_size=vocab_size, d_model=32,
+                d_kv=8, d_ff=64, num_heads=4, num_layers=2, relative_attention_num_buckets=8,
+                relative_attention_max_distance=16)
+    return {"transformer": transformer, "text_encoder": text, "vae": vae}
+
+
 def randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Finite random weights: scaled normal matrices, unit norm weights, small vectors."""
     for name, p in module.named_parameters():
@@ -75,16 +86,16 @@ def train_tokenizer(path: Path) -> int:
     return 96
 
 
-def write_tiny_wan(folder: Path, seed: int = 0, size: str = "tiny") -> Path:
-    """Write the checkpoint into `folder` (created); returns it."""
+def write_tiny(folder: Path, family: str = "wan", seed: int = 0, size: str = "tiny") -> Path:
+    """Write a tiny checkpoint of `family` ("wan" or "cogvideox") into `folder` (created); returns it."""
     folder = Path(folder)
+    real, pipeline = (REAL, Wan) if family == "wan" else (REAL_COGVIDEOX, CogVideoX)
     (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
     vocab_size = train_tokenizer(folder / "tokenizer" / "spiece.model")
+    configs = tiny_configs(vocab_size, size) if family == "wan" else tiny_cogvideox_configs(vocab_size)
     generator = torch.Generator().manual_seed(seed)
-    classes = {"transformer": (WanTransformer, WanTransformerConfig), "vae": (WanVAE, WanVAEConfig),
-               "text_encoder": (T5Encoder, T5Config), "image_encoder": (CLIPVision, CLIPVisionConfig)}
-    for sub, config in tiny_configs(vocab_size, size).items():
-        model_cls, config_cls = classes[sub]
+    for sub, config in configs.items():
+        model_cls, config_cls = pipeline.components[sub]
         module = model_cls(config_cls.from_dict(config))
         randomize(module, generator)
         tensors = {name: t.contiguous() for name, t in module.state_dict().items()}
@@ -96,15 +107,16 @@ def write_tiny_wan(folder: Path, seed: int = 0, size: str = "tiny") -> Path:
         (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
         stem = "diffusion_pytorch_model" if sub in ("transformer", "vae") else "model"
         save_file(tensors, str(folder / sub / f"{stem}.safetensors"))
-    for sub in ("scheduler", "image_processor"):
+    for sub in ("scheduler", "image_processor") if family == "wan" else ("scheduler",):
         (folder / sub).mkdir(exist_ok=True)
-        for file in (REAL / sub).iterdir():
+        for file in (real / sub).iterdir():
             (folder / sub / file.name).write_text(file.read_text())
-    processor = read_json(folder / "image_processor" / "preprocessor_config.json")
-    side = SIZES[size]["image"]
-    processor.update(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    (folder / "image_processor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-    (folder / "model_index.json").write_text((REAL / "model_index.json").read_text())
+    if family == "wan":
+        processor = read_json(folder / "image_processor" / "preprocessor_config.json")
+        side = SIZES[size]["image"]
+        processor.update(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        (folder / "image_processor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    (folder / "model_index.json").write_text((real / "model_index.json").read_text())
     return folder
 
 

@@ -183,3 +183,25 @@ def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path):
     frames, codec, _ = read_video(tmp_path / "d.mp4")
     assert len(frames) == 17 and frames[0].shape == (64, 96, 3) and codec == "h264"
     assert np.std(frames) > 5  # not a blank video
+
+
+def test_official_command_line_with_the_cogvideox_preset_and_a_local_model(tmp_path, tiny_cogvideox, test_image):
+    from PIL import Image
+
+    Image.fromarray(test_image).save(tmp_path / "boat.png")
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--config", "cogvideox_alg", "--image_path",
+                          str(tmp_path / "boat.png"), "--prompt", "A group of people whitewater rafting.",
+                          "--output_path", str(tmp_path / "boat.mp4"), "--model", str(tiny_cogvideox), "--dtype",
+                          "float32"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    frames, codec, fps = read_video(tmp_path / "boat.mp4")
+    assert len(frames) == 49 and frames[0].shape == (32, 48, 3) and codec == "h264" and fps == 12  # preset: 49 @ 12
+
+
+def test_cogvideox_demo_runs_offline(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "demo", "--family", "cogvideox", "--output_path",
+                          str(tmp_path / "d.mp4")], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr
+    frames, codec, _ = read_video(tmp_path / "d.mp4")
+    assert len(frames) == 17 and frames[0].shape == (64, 96, 3) and np.std(frames) > 5

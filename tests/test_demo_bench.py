@@ -9,19 +9,24 @@ import torch
 
 import minialg
 from minialg import bench
-from minialg.demo import demo_image, write_tiny_wan
+from minialg.demo import demo_image, write_tiny
 
 
-def test_self_written_checkpoint_loads_in_diffusers_and_agrees(tmp_path):
-    from diffusers import WanImageToVideoPipeline
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_self_written_checkpoint_loads_in_diffusers_and_agrees(tmp_path, family):
+    from diffusers import CogVideoXImageToVideoPipeline, WanImageToVideoPipeline
     from PIL import Image
 
-    folder = write_tiny_wan(tmp_path / "tiny")
+    folder = write_tiny(tmp_path / "tiny", family)
     image = demo_image().numpy()
+    reference_cls = WanImageToVideoPipeline if family == "wan" else CogVideoXImageToVideoPipeline
     args = dict(height=32, width=48, num_frames=5, num_inference_steps=2)
-    reference = WanImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    if family == "cogvideox":  # its learned positional embedding fixes the size (and the text length)
+        args = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
+    reference = reference_cls.from_pretrained(folder, dtype=torch.float32)
+    extra = {"max_sequence_length": 16} if family == "cogvideox" else {}
     expected = reference(image=Image.fromarray(image), prompt="a red ball", output_type="np",
-                         generator=torch.Generator().manual_seed(42), **args).frames[0]
+                         generator=torch.Generator().manual_seed(42), **args, **extra).frames[0]
     frames = minialg.load(folder, device="cpu", dtype=torch.float32)(image, "a red ball", progress=False, **args)
     assert np.abs(frames.numpy() - expected).max() < 5e-4 and expected.std() > 0.01
 

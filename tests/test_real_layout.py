@@ -1,4 +1,4 @@
-"""The real Wan 2.1 I2V 14B layout, checked from headers alone.
+"""The real Wan 2.1 I2V 14B and CogVideoX-5b-I2V layouts, checked from headers alone.
 
 The folder is built from the published configs with the reference libraries' own tensor names and shapes
 (diffusers/transformers modules on the meta device), sharded with index files like the published checkpoint,
@@ -21,6 +21,7 @@ from minialg.demo import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 WAN = ROOT / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers"
+COGVIDEOX = ROOT / "minialg" / "real_configs" / "CogVideoX-5b-I2V"
 DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2)}
 
 
@@ -53,37 +54,56 @@ def write_component(folder: Path, stem: str, tensors: dict, shards: int) -> None
         (folder / f"{stem}.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
-def reference_tensors(component: str) -> dict:
+def reference_tensors(component: str, real: Path = WAN) -> dict:
     """Names, shapes and dtypes of the published files, from the reference classes built on meta."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, UMT5Config, UMT5EncoderModel
+    from diffusers import AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXTransformer3DModel, WanTransformer3DModel
+    from transformers import (CLIPVisionConfig, CLIPVisionModelWithProjection, T5Config, T5EncoderModel, UMT5Config,
+                              UMT5EncoderModel)
 
-    config = json.loads((WAN / component / "config.json").read_text())
+    config = json.loads((real / component / "config.json").read_text())
     kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+    builders = {"transformer": lambda: WanTransformer3DModel(**kwargs),
+                "vae": lambda: AutoencoderKLWan(**kwargs),
+                "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**kwargs)),
+                "image_encoder": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**kwargs))}
+    if real == COGVIDEOX:
+        builders.update(transformer=lambda: CogVideoXTransformer3DModel(**kwargs),
+                        vae=lambda: AutoencoderKLCogVideoX(**kwargs),
+                        text_encoder=lambda: T5EncoderModel(T5Config(**kwargs)))
     with torch.device("meta"):
-        model = {"transformer": lambda: WanTransformer3DModel(**kwargs),
-                 "vae": lambda: AutoencoderKLWan(**kwargs),
-                 "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**kwargs)),
-                 "image_encoder": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**kwargs))}[component]()
-    tensors = {name: (tuple(t.shape), torch.float32 if component in ("vae", "image_encoder") else torch.bfloat16)
+        model = builders[component]()
+    fp32 = component in ("vae", "image_encoder") and real == WAN
+    tensors = {name: (tuple(t.shape), torch.float32 if fp32 else torch.bfloat16)
                for name, t in model.state_dict().items()}
     tensors.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight: saved once
     return tensors
 
 
-@pytest.fixture(scope="module")
-def real_wan(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("real") / "Wan2.1-I2V-14B-480P-Diffusers"
-    for component, stem, shards in (("transformer", "diffusion_pytorch_model", 14), ("vae", "diffusion_pytorch_model", 1),
-                                    ("text_encoder", "model", 5), ("image_encoder", "model", 1)):
-        write_component(folder / component, stem, reference_tensors(component), shards)
-        shutil.copy(WAN / component / "config.json", folder / component / "config.json")
+def write_checkpoint(folder: Path, real: Path, layout) -> Path:
+    for component, stem, shards in layout:
+        write_component(folder / component, stem, reference_tensors(component, real), shards)
+        shutil.copy(real / component / "config.json", folder / component / "config.json")
     for sub in ("scheduler", "image_processor"):
-        shutil.copytree(WAN / sub, folder / sub)
-    shutil.copy(WAN / "model_index.json", folder / "model_index.json")
+        if (real / sub).is_dir():
+            shutil.copytree(real / sub, folder / sub)
+    shutil.copy(real / "model_index.json", folder / "model_index.json")
     (folder / "tokenizer").mkdir()
     train_tokenizer(folder / "tokenizer" / "spiece.model")
     return folder
+
+
+@pytest.fixture(scope="module")
+def real_wan(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("real") / "Wan2.1-I2V-14B-480P-Diffusers", WAN, [
+        ("transformer", "diffusion_pytorch_model", 14), ("vae", "diffusion_pytorch_model", 1),
+        ("text_encoder", "model", 5), ("image_encoder", "model", 1)])
+
+
+@pytest.fixture(scope="module")
+def real_cogvideox(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("real") / "CogVideoX-5b-I2V", COGVIDEOX, [
+        ("transformer", "diffusion_pytorch_model", 3), ("vae", "diffusion_pytorch_model", 1),
+        ("text_encoder", "model", 2)])
 
 
 def test_check_accepts_the_real_layout(real_wan):
@@ -127,3 +147,24 @@ def test_check_names_a_missing_tensor(real_wan, tmp_path):
     write_sparse(broken / "image_encoder" / "model.safetensors", tensors)
     with pytest.raises(CheckpointError, match="'encoder.layers.5.mlp.fc1.bias' missing from .*image_encoder"):
         minialg.check(broken)
+
+
+def test_check_accepts_the_real_cogvideox_layout(real_cogvideox):
+    summary = {row["component"]: row for row in minialg.check(real_cogvideox)}
+    assert set(summary) == {"transformer", "vae", "text_encoder"}
+    assert 5.5e9 < summary["transformer"]["parameters"] < 5.7e9  # CogVideoX-5b (with its learned positions)
+    assert 4.7e9 < summary["text_encoder"]["parameters"] < 4.8e9  # T5 v1.1 XXL encoder
+    assert summary["transformer"]["files"] == 3
+
+
+def test_check_names_a_broken_cogvideox_tensor(real_cogvideox, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(real_cogvideox, broken, copy_function=os.link)  # hard links: the sparse files stay unread
+    tensors = reference_tensors("vae", COGVIDEOX)
+    name = next(n for n in tensors if n.startswith("decoder.up_blocks.1.") and n.endswith("conv_y.weight"))
+    tensors[name] = ((7, 16, 1, 1, 1), torch.bfloat16)
+    write_sparse(broken / "vae" / "diffusion_pytorch_model.safetensors", tensors)
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "check", str(broken)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"tensor '{name}' in" in out.stderr and "has shape [7, 16, 1, 1, 1]" in out.stderr
