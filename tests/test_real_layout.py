@@ -161,7 +161,7 @@ def test_check_names_a_broken_cogvideox_tensor(real_cogvideox, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(real_cogvideox, broken, copy_function=os.link)  # hard links: the sparse files stay unread
     tensors = reference_tensors("vae", COGVIDEOX)
-    name = next(n for n in tensors if n.startswith("decoder.up_blocks.1.") and n.endswith("conv_y.weight"))
+    name = next(n for n in tensors if n.startswith("decoder.up_blocks.1.") and n.endswith("conv_y.conv.weight"))
     tensors[name] = ((7, 16, 1, 1, 1), torch.bfloat16)
     write_sparse(broken / "vae" / "diffusion_pytorch_model.safetensors", tensors)
     out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "check", str(broken)], capture_output=True,
