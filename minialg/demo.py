@@ -49,15 +49,19 @@ def tiny_configs(vocab_size: int, size: str = "tiny") -> dict:
     return {"transformer": transformer, "image_encoder": clip, "text_encoder": text, "vae": vae}
 
 
-def tiny_cogvideox_configs(vocab_size: int) -> dict:
-    """CogVideoX-5b-I2V's configs, shrunk; its fixed size becomes 64 x 96 x 17 frames, its text 16 tokens."""
-    transformer = dict(read_json(REAL_COGVIDEOX / "transformer" / "config.json"), num_attention_heads=2,
-                       attention_head_dim=16, text_embed_dim=32, time_embed_dim=16, num_layers=2, sample_height=8,
-                       sample_width=12, sample_frames=17, max_text_seq_length=16)
-    vae = dict(read_json(REAL_COGVIDEOX / "vae" / "config.json"), block_out_channels=[8, 16, 16, 16],
-               norm_num_groups=4, layers_per_block=1, sample_height=64, sample_width=96)
-    text = dict(read_json(REAL_COGVIDEOX / "text_encoder" / "config.json"), vocab_size=vocab_size, d_model=32,
-                d_kv=8, d_ff=64, num_heads=4, num_layers=2, relative_attention_num_buckets=8,
+def tiny_cogvideox_configs(vocab_size: int, size: str = "tiny") -> dict:
+    """CogVideoX-5b-I2V's configs, shrunk; its fixed size becomes 64 x 96 ("tiny") or 128 x 192 ("mid")."""
+    s = SIZES[size]
+    side = 8 if size == "tiny" else 16  # latent height; width is 1.5 x
+    transformer = dict(read_json(REAL_COGVIDEOX / "transformer" / "config.json"), num_attention_heads=s["heads"],
+                       attention_head_dim=max(16, s["dim"] // s["heads"]), text_embed_dim=s["text"],
+                       time_embed_dim=16, num_layers=s["layers"], sample_height=side, sample_width=side * 3 // 2,
+                       sample_frames=17, max_text_seq_length=16)
+    width = s["vae"]
+    vae = dict(read_json(REAL_COGVIDEOX / "vae" / "config.json"), block_out_channels=[width, 2 * width, 2 * width,
+               2 * width], norm_num_groups=4, layers_per_block=1, sample_height=8 * side, sample_width=12 * side)
+    text = dict(read_json(REAL_COGVIDEOX / "text_encoder" / "config.json"), vocab_size=vocab_size, d_model=s["text"],
+                d_kv=8, d_ff=2 * s["text"], num_heads=4, num_layers=s["layers"], relative_attention_num_buckets=8,
                 relative_attention_max_distance=16)
     return {"transformer": transformer, "text_encoder": text, "vae": vae}
 
@@ -92,7 +96,7 @@ def write_tiny(folder: Path, family: str = "wan", seed: int = 0, size: str = "ti
     real, pipeline = (REAL, Wan) if family == "wan" else (REAL_COGVIDEOX, CogVideoX)
     (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
     vocab_size = train_tokenizer(folder / "tokenizer" / "spiece.model")
-    configs = tiny_configs(vocab_size, size) if family == "wan" else tiny_cogvideox_configs(vocab_size)
+    configs = tiny_configs(vocab_size, size) if family == "wan" else tiny_cogvideox_configs(vocab_size, size)
     generator = torch.Generator().manual_seed(seed)
     for sub, config in configs.items():
         model_cls, config_cls = pipeline.components[sub]

@@ -35,7 +35,13 @@ def test_cpu_bench_reports_both_pipelines_on_the_same_video(tmp_path):
     report = tmp_path / "bench.json"
     bench.main(["--size", "tiny", "--steps", "1", "--repeats", "1", "--frames", "5", "--height", "32",
                 "--width", "48", "--compare-diffusers", "--report", str(report)])
-    (run,) = json.loads(report.read_text())["runs"]
+    runs = json.loads(report.read_text())["runs"]
+    assert [run["model"].split()[0] for run in runs] == ["wan", "cogvideox"]
+    for run in runs:
+        check_run(run)
+
+
+def check_run(run):
     assert run["minialg_s"] > 0 and run["diffusers_s"] > 0 and run["minialg_alg_s"] > 0
     assert run["speedup"] == pytest.approx(run["diffusers_s"] / run["minialg_s"], rel=1e-2)
     assert run["max_abs_diff"] < 5e-4  # the timed runs made the same video
