@@ -235,6 +235,7 @@ class CogVideoX(Pipeline):
     components = {"transformer": (CogVideoXTransformer, CogVideoXTransformerConfig),
                   "vae": (CogVideoXVAE, CogVideoXVAEConfig), "text_encoder": (T5Encoder, T5Config)}
     family, two_pass_filters = "cogvideox", True  # two-pass steps see the filtered condition
+    tiled_decode = False  # set True to decode in overlapping spatial tiles (less memory at large sizes)
 
     @staticmethod
     def defaults_of(folder: Path) -> dict:
@@ -277,7 +278,7 @@ class CogVideoX(Pipeline):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         z = 1 / self.vae.config.scaling_factor * x[:, self.extra_frames:].permute(0, 2, 1, 3, 4)  # the reference's op
-        return self.vae.decode(z)[0]
+        return self.vae.decode(z, tiled=self.tiled_decode)[0]
 
 
 def settle(defaults: dict, *, height=None, width=None, num_frames=None, num_inference_steps=50,

@@ -80,6 +80,30 @@ def test_cogvideox15_layout_matches_diffusers(tiny_cogvideox15, test_image, num_
     assert np.abs(frames.numpy() - expected).max() < TOL
 
 
+def test_tiled_decoding_matches_diffusers_tiled_decoding(tiny_cogvideox, test_image):
+    reference = reference_pipeline(tiny_cogvideox)
+    vae, decode = reference.vae, reference.vae.decode
+    vae.enable_tiling()  # tiles of half the checkpoint's sample size: 16 x 24 pixels here
+
+    def tiled_decode_only(*args, **kwargs):  # diffusers would tile the one-frame encode too
+        vae.use_tiling = True
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            vae.use_tiling = False
+
+    vae.use_tiling, vae.decode = False, tiled_decode_only
+    expected = reference(image=pil(test_image), prompt=PROMPT, num_inference_steps=2, max_sequence_length=16,
+                         generator=torch.Generator().manual_seed(42), output_type="np", **SIZE).frames[0]
+    pipe = minialg.load(tiny_cogvideox, device="cpu", dtype=torch.float32)
+    untiled = pipe(test_image, PROMPT, num_inference_steps=2, progress=False, **SIZE)
+    pipe.tiled_decode = True
+    frames = pipe(test_image, PROMPT, num_inference_steps=2, progress=False, **SIZE)
+    assert frames.shape == expected.shape and np.abs(frames.numpy() - expected).max() < TOL
+    # the tiles were really used: at this tiny size they even overhang, as diffusers' do (48 -> 56 columns)
+    assert frames.shape != untiled.shape or (frames - untiled).abs().max() > 1e-3
+
+
 @torch.no_grad()
 def reference_alg(pipe, image, alg, guidance, steps):
     """ALG.md sections 1-5 for CogVideoX, with the diffusers pipeline's pieces."""
