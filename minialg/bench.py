@@ -1,27 +1,51 @@
-"""Benchmarks you can rerun: minialg against diffusers on the same checkpoint, inputs and settings.
+"""Benchmarks you can rerun: the denoiser alone at real size, and whole runs against diffusers.
 
-    python -m minialg.bench --compare-diffusers     # CPU: mid-size random Wan and CogVideoX checkpoints, whole runs
+    python -m minialg.bench                          # on CUDA: the denoiser benchmark below
+    python -m minialg.bench --compile --compare-diffusers --stream-blocks
+    python -m minialg.bench --pipelines --compare-diffusers   # CPU: mid-size random checkpoints, whole runs
 
-Both pipelines load the same checkpoint folder (written by minialg.demo in the real layout, random weights) and
-make the same video (same seed, size, steps, guidance); each run is timed end to end, the median of `--repeats`
-rounds is reported, and the two outputs are compared. minialg's ALG run (the family's preset) is timed beside
-them; diffusers has no ALG. A JSON report goes to --report.
+--denoiser (the default on CUDA): builds each transformer from minialg/real_configs (real size on CUDA, a small
+config derived from it on the CPU) with random weights made directly on the device, feeds it the real-shape
+inputs (Wan 480x832, 81 frames; CogVideoX its 480x720, 49 frames) and reports, for the CFG batch (2) and the ALG
+batch (3): ms per call (median after warm-up; CUDA events on a GPU), the FLOPs of the shape counted
+analytically, TFLOP/s and MFU against the bf16 matmul rate measured in the same run, peak GPU memory, and the
+SDPA kernel that ran (the fastest backend for the model's attention shapes is picked first). Options: regional
+`torch.compile` (--compile), blocks streamed from the CPU (--stream-blocks), diffusers' transformer with the
+same weights and inputs (--compare-diffusers); then a whole run of the family's ALG preset with random weights
+(--run-steps, VAE decode included) and its stages.
+
+--pipelines (the default without CUDA): both pipelines load the same checkpoint folder (written by
+minialg.demo in the real layout, random weights) and make the same video (same seed, size, steps, guidance);
+each run is timed end to end, the median of `--repeats` rounds is reported, and the two outputs are compared.
+minialg's ALG run (the family's preset) is timed beside them; diffusers has no ALG.
+
+A JSON report goes to --report, and a short table is printed.
 """
 
 import argparse
+import gc
 import json
 import platform
+import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import minialg
+from minialg.checkpoint import read_json
 from minialg.config import load_config
-from minialg.demo import demo_image, write_tiny
+from minialg.demo import demo_image, train_tokenizer, write_tiny
+from minialg.models.cogvideox import CogVideoXTransformer, CogVideoXTransformerConfig
+from minialg.models.wan import WanTransformer, WanTransformerConfig
+from minialg.offload import stream_blocks
+from minialg.pipeline import CogVideoX, Wan
 
 
 def time_runs(runs: dict, repeats: int) -> dict:
@@ -75,30 +99,446 @@ def cpu_run(family: str, size: str, steps: int, repeats: int, compare: bool, fra
     return report
 
 
+# ---- the denoiser benchmark ---------------------------------------------------------------------------------
+
+REAL_CONFIGS = Path(__file__).parent / "real_configs"
+DENOISERS = {  # family -> (module, config class, checkpoint folder in real_configs)
+    "wan": (WanTransformer, WanTransformerConfig, "Wan2.1-I2V-14B-480P-Diffusers"),
+    "cogvideox": (CogVideoXTransformer, CogVideoXTransformerConfig, "CogVideoX-5b-I2V"),
+}
+SMALL = {  # the CPU stand-ins: the real config with 2 layers, 2 narrow heads, narrow inputs
+    "wan": dict(num_attention_heads=2, attention_head_dim=24, num_layers=2, ffn_dim=96, freq_dim=32, text_dim=32,
+                image_dim=40, added_kv_proj_dim=48),
+    "cogvideox": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=24,
+                      text_embed_dim=32, sample_height=8, sample_width=12, sample_frames=9, max_text_seq_length=16),
+}
+SDPA_KERNELS = {  # aten op -> its backend, as SDPBackend names it
+    "_scaled_dot_product_cudnn_attention": "cudnn_attention", "_scaled_dot_product_flash_attention": "flash_attention",
+    "_scaled_dot_product_efficient_attention": "efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu": "flash_attention", "_scaled_dot_product_attention_math": "math",
+}
+
+
+def denoiser_config(family: str, small: bool) -> dict:
+    """The real transformer config.json of the family, or the small one derived from it."""
+    real = read_json(REAL_CONFIGS / DENOISERS[family][2] / "transformer" / "config.json")
+    return dict(real, **SMALL[family]) if small else real
+
+
+def random_model(model_cls, cfg, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """`model_cls(cfg)` built on the meta device, every tensor then made directly on `device` with random values
+    (scaled normal matrices, unit norm weights, small vectors) in `dtype`, or float32 for the `fp32_params`."""
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    keep_fp32 = getattr(model, "fp32_params", ())
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, p in list(model.named_parameters()):
+        fp32 = any(part in keep_fp32 for part in name.split("."))
+        t = torch.empty(p.shape, device=device, dtype=torch.float32 if fp32 else dtype)
+        if p.ndim >= 2:
+            t.normal_(0, p[0].numel() ** -0.5, generator=generator)
+        elif "norm" in name and name.endswith("weight"):
+            t.fill_(1)
+        else:
+            t.normal_(0, 0.02, generator=generator)
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+    return model.eval()
+
+
+def denoiser_inputs(family: str, cfg, batch: int, small: bool, device, dtype, generator) -> tuple:
+    """The denoiser's arguments at the benchmark shape: Wan at 480x832, 81 frames: x (B, 36, 21, 60, 104), text
+    (B, 512, 4096), image (B, 257, 1280); CogVideoX at its sample size: x (B, 13, 32, 60, 90), text (B, 226, 4096).
+    Small configs: Wan x (B, 36, 3, 6, 10); CogVideoX its (small) sample size."""
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    timestep = torch.randint(0, 1000, (batch,), generator=generator, device=device)
+    if family == "wan":
+        frames, height, width = (3, 6, 10) if small else (21, 60, 104)
+        image = randn(batch, 257, cfg.image_dim) if cfg.image_dim else None
+        return randn(batch, cfg.in_channels, frames, height, width), timestep, randn(batch, 512, cfg.text_dim), image
+    frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
+    x = randn(batch, frames, cfg.in_channels, cfg.sample_height, cfg.sample_width)
+    return x, timestep, randn(batch, cfg.max_text_seq_length, cfg.text_embed_dim)
+
+
+def wan_flops(cfg: WanTransformerConfig, x_shape: tuple, text_len: int, image_len: int = 0) -> int:
+    """FLOPs of one WanTransformer forward on x of shape (B, C, F, H, W): patch embedding, time/text/image
+    embedders, q/k/v/out and cross-attention projections, attention QK^T and PV, FFN, output head; 2 per
+    multiply-add. Elementwise work (norms, RoPE, softmax, GELU, modulation) is not counted."""
+    B, _, frames, height, width = x_shape
+    pf, ph, pw = cfg.patch_size
+    L, T, I = frames // pf * (height // ph) * (width // pw), text_len, image_len
+    D, patch = cfg.num_attention_heads * cfg.attention_head_dim, pf * ph * pw
+    macs = L * cfg.in_channels * patch * D  # patch embedding
+    macs += cfg.freq_dim * D + D * D + D * 6 * D  # time embedder, block modulation
+    macs += T * (cfg.text_dim * D + D * D)  # text embedder
+    block = 4 * L * D * D + 2 * L * L * D  # self-attention: q, k, v, out; QK^T, PV
+    block += 2 * L * D * D + 2 * T * D * D + 2 * L * T * D  # cross-attention to the text: q, out; k, v; QK^T, PV
+    if image_len:
+        macs += I * (cfg.image_dim * cfg.image_dim + cfg.image_dim * D)  # image embedder
+        block += 2 * I * cfg.added_kv_proj_dim * D + 2 * L * I * D  # to the image: k, v; QK^T, PV
+    block += 2 * L * D * cfg.ffn_dim  # FFN
+    macs += cfg.num_layers * block + L * D * cfg.out_channels * patch  # blocks, output head
+    return 2 * B * macs
+
+
+def cogvideox_flops(cfg: CogVideoXTransformerConfig, x_shape: tuple, text_len: int) -> int:
+    """FLOPs of one CogVideoXTransformer forward on x of shape (B, F, C, H, W): patch embedding, text projection,
+    time (and ofs) embedding, the blocks' modulation, q/k/v/out projections, attention QK^T and PV over [text ;
+    video], MLP, output norm and head; 2 per multiply-add. Elementwise work is not counted."""
+    B, frames, _, height, width = x_shape
+    p, pt = cfg.patch_size, cfg.patch_size_t or 1
+    L, T = frames // pt * (height // p) * (width // p), text_len
+    S, D, E = T + L, cfg.num_attention_heads * cfg.attention_head_dim, cfg.time_embed_dim
+    macs = L * cfg.in_channels * pt * p * p * D + T * cfg.text_embed_dim * D  # patch embedding, text projection
+    macs += D * E + E * E  # time embedding
+    block = 2 * E * 6 * D  # the two LayerNormZero modulations
+    block += 4 * S * D * D + 2 * S * S * D + 2 * S * D * 4 * D  # q, k, v, out; QK^T, PV; MLP
+    macs += cfg.num_layers * block + E * 2 * D + L * D * p * p * pt * cfg.out_channels  # blocks, norm_out, head
+    ofs = 2 * cfg.ofs_embed_dim**2 if cfg.ofs_embed_dim else 0  # 1.5 I2V: the ofs MLP, batch 1
+    return 2 * (B * macs + ofs)
+
+
+def denoiser_flops(family: str, cfg, inputs: tuple) -> int:
+    if family == "wan":
+        x, _, text, image = inputs
+        return wan_flops(cfg, tuple(x.shape), text.shape[1], 0 if image is None else image.shape[1])
+    x, _, text = inputs
+    return cogvideox_flops(cfg, tuple(x.shape), text.shape[1])
+
+
+def attention_lengths(family: str, cfg, inputs: tuple) -> list[tuple[int, int]]:
+    """(query, key) token counts of each kind of attention the model runs on these inputs."""
+    x, text = inputs[0], inputs[2]
+    if family == "wan":
+        pf, ph, pw = cfg.patch_size
+        L = x.shape[2] // pf * (x.shape[3] // ph) * (x.shape[4] // pw)
+        return [(L, L), (L, text.shape[1])] + ([(L, inputs[3].shape[1])] if inputs[3] is not None else [])
+    p, pt = cfg.patch_size, cfg.patch_size_t or 1
+    S = text.shape[1] + x.shape[1] // pt * (x.shape[3] // p) * (x.shape[4] // p)
+    return [(S, S)]
+
+
+def time_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds of fn() after `warmup` calls: CUDA events on a GPU, perf_counter elsewhere."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak GiB allocated on the GPU since the last reset; None on the CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def measure(fn, device: torch.device, warmup: int, repeats: int) -> tuple[float, float | None]:
+    """(ms per call, peak GiB allocated on the GPU during the calls; None on the CPU)."""
+    reset_peak_memory(device)
+    ms = time_ms(fn, device, warmup, repeats)
+    return ms, peak_memory_gib(device)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The matmul rate of this device in `dtype`: a large square matmul (8192 on a GPU, 512 on the CPU)."""
+    n = 8192 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device, warmup=3, repeats=20)
+    return 2 * n**3 / ms / 1e9
+
+
+def sdpa_order(lengths: list[tuple[int, int]], heads: int, head_dim: int, device, dtype) -> tuple:
+    """Time every SDPA backend on the model's attention shapes (batch 1); returns (the backends that run them
+    all, fastest first; {backend: ms for all shapes}). One that refuses a shape, or runs out of memory (the
+    math kernel at video lengths), is left out."""
+    times = {}
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH):
+        try:
+            total = 0.0
+            for q_len, k_len in lengths:
+                q = torch.randn(1, heads, q_len, head_dim, device=device, dtype=dtype)
+                k, v = torch.randn(2, 1, heads, k_len, head_dim, device=device, dtype=dtype)
+                with sdpa_kernel(backend), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # an unavailable backend warns why, then raises
+                    total += time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, 1, 3)
+            times[backend] = total
+        except RuntimeError:  # torch.OutOfMemoryError included
+            pass
+        finally:
+            q = k = v = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    order = sorted(times, key=times.get)
+    return order, {backend.name.lower(): round(ms, 3) for backend, ms in times.items()}
+
+
+def sdpa_kernels_ran(fn) -> dict[str, int]:
+    """Which SDPA kernels one call of fn ran, and how often (from the profiler's record of aten ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    counts = {}
+    for event in profile.events():
+        kernel = SDPA_KERNELS.get(event.name.removeprefix("aten::"))
+        if kernel:
+            counts[kernel] = counts.get(kernel, 0) + 1
+    return counts
+
+
+def host_sync(fn, device: torch.device) -> str | None:
+    """The first host synchronisation fn makes on a GPU (torch's sync debug mode), or None when it makes none."""
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def diffusers_denoiser(family: str, config: dict, model: torch.nn.Module, device: torch.device):
+    """diffusers' transformer for `config`, holding *our* model's weights (the same tensors: no second copy),
+    and a function calling it on our inputs (for CogVideoX with the rotary tables as its pipeline makes them)."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel, WanTransformer3DModel
+
+    ref_cls = WanTransformer3DModel if family == "wan" else CogVideoXTransformer3DModel
+    with init_empty_weights(include_buffers=False):  # parameters on meta; constant buffers computed on the CPU
+        ref = ref_cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+    ref.load_state_dict(model.state_dict(), strict=True, assign=True)
+    ref = ref.to(device).eval()  # moves its buffers; the parameters are already there
+    if family == "wan":
+        return ref, lambda x, t, text, image: ref(x, t, text, encoder_hidden_states_image=image, return_dict=False)[0]
+
+    rotary = {}  # per latent shape, made once as the pipeline does before its loop
+
+    def call(x, t, text):
+        if x.shape not in rotary:
+            pipe = SimpleNamespace(vae_scale_factor_spatial=8, transformer=ref)
+            rotary[x.shape] = CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(
+                pipe, x.shape[3] * 8, x.shape[4] * 8, x.shape[1], x.device)
+        return ref(x, text, t, image_rotary_emb=rotary[x.shape], return_dict=False)[0]
+
+    return ref, call
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, matmul: float) -> dict:
+    """ms per call, FLOPs, TFLOP/s, MFU and peak memory of one family's transformer for each batch size; then
+    diffusers' and the streamed-blocks numbers, and a whole run of the ALG preset."""
+    model_cls, config_cls, checkpoint = DENOISERS[family]
+    small = args.small or device.type != "cuda"
+    config = denoiser_config(family, small)
+    cfg = config_cls.from_dict(config)
+    model = random_model(model_cls, cfg, device, dtype)
+    if args.compile:
+        torch._dynamo.reset()  # a fresh cache, so the graphs counted below are this model's
+        model.compile_blocks(backend=args.compile_backend)
+    generator = torch.Generator(device).manual_seed(1)
+    inputs = {b: denoiser_inputs(family, cfg, b, small, device, dtype, generator) for b in args.batches}
+    first = inputs[args.batches[0]]
+    order, probe = sdpa_order(attention_lengths(family, cfg, first), cfg.num_attention_heads, cfg.attention_head_dim,
+                              device, dtype)
+    backends = sdpa_kernel(order, set_priority=True)  # the fastest first; the others only where it refuses
+    report = {"model": f"{family} ({checkpoint} config{', small' if small else ''})", "family": family,
+              "small": small, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+              "parameters": sum(p.numel() for p in model.parameters()), "compile": args.compile,
+              "input_shapes": {str(b): [list(t.shape) for t in inputs[b] if t is not None] for b in args.batches},
+              "sdpa": {"order": [b.name.lower() for b in order], "probe_ms": probe}, "batches": {}}
+    graphs_before = compiled_graphs()
+    with torch.no_grad(), backends:
+        outputs = {}
+        for b in args.batches:
+            ms, peak = measure(lambda: model(*inputs[b]), device, args.warmup, args.repeats)
+            flops = denoiser_flops(family, cfg, inputs[b])
+            tflops = flops / ms / 1e9
+            report["batches"][str(b)] = {"ms": round(ms, 3), "flops": flops, "tflops": round(tflops, 4),
+                                         "mfu": round(tflops / matmul, 4), "peak_memory_gib": peak}
+            outputs[b] = model(*inputs[b])
+        report["sdpa"]["ran"] = sdpa_kernels_ran(lambda: model(*first))
+        if device.type == "cuda":
+            report["host_sync"] = host_sync(lambda: model(*first), device)  # None: the call never waits
+        if args.compile:
+            report["compiled_graphs"] = compiled_graphs() - graphs_before
+        if args.compare_diffusers:
+            ref, call = diffusers_denoiser(family, config, model, device)
+            if args.compile:  # the same regional compilation for diffusers' blocks
+                for block in ref.blocks if family == "wan" else ref.transformer_blocks:
+                    block.compile(dynamic=False, backend=args.compile_backend)
+            for b in args.batches:
+                ms, _ = measure(lambda: call(*inputs[b]), device, args.warmup, args.repeats)
+                row = report["batches"][str(b)]
+                row.update(diffusers_ms=round(ms, 3), diffusers_over_minialg=round(ms / row["ms"], 3),
+                           diffusers_max_rel_diff=rel_diff(outputs[b], call(*inputs[b])))
+            del ref, call
+            gc.collect()  # compiled blocks hold themselves in a cycle; their weights are ours, freed below
+        if args.stream_blocks:
+            graphs_before = compiled_graphs()
+            streamer = stream_blocks(model, device)
+            for b in args.batches:
+                ms, peak = measure(lambda: model(*inputs[b]), device, args.warmup, args.repeats)
+                row = report["batches"][str(b)]
+                row.update(streamed_ms=round(ms, 3), streamed_peak_memory_gib=peak,
+                           stream_slowdown=round(ms / row["ms"], 3),
+                           streamed_max_abs_diff=(model(*inputs[b]) - outputs[b]).abs().max().item())
+            streamer.remove()
+            if args.compile:
+                report["streamed_recompiles"] = compiled_graphs() - graphs_before
+    del model, inputs, outputs, first
+    gc.collect()
+    if args.run_steps:
+        report["whole_run"] = whole_run(family, device, dtype, small, args.run_steps, args, order)
+    return report
+
+
+def random_pipeline(family: str, folder: Path, device: torch.device, dtype: torch.dtype, small: bool):
+    """A pipeline with every model random, made on `device`: the real configs (small: the demo's tiny ones),
+    a test tokenizer, the real scheduler and image processor configs. `folder` receives the configs."""
+    cls = Wan if family == "wan" else CogVideoX
+    if small:
+        write_tiny(folder, family)
+    else:
+        shutil.copytree(REAL_CONFIGS / DENOISERS[family][2], folder, dirs_exist_ok=True)
+        (folder / "tokenizer").mkdir(exist_ok=True)
+        train_tokenizer(folder / "tokenizer" / "spiece.model")
+    modules = {sub: random_model(model_cls, config_cls.from_dict(read_json(folder / sub / "config.json")), device,
+                                 cls.dtypes.get(sub, dtype))
+               for sub, (model_cls, config_cls) in cls.components.items()}
+    return cls(folder, modules, device, device)
+
+
+def whole_run(family: str, device: torch.device, dtype: torch.dtype, small: bool, steps: int, args,
+              sdpa: list[SDPBackend]) -> dict:
+    """Seconds of a whole run of the family's ALG preset (text, condition, denoising loop, VAE decode) with
+    random weights, after a 2-step warm-up run (compilation, both batch sizes, kernel autotuning)."""
+    preset = load_config(f"{family}_alg")
+    generation = dict(preset.generation, seed=42)
+    if small:
+        generation.update(num_frames=9, **(dict(height=32, width=48) if family == "wan" else {}))
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = random_pipeline(family, Path(tmp), device, dtype, small)
+        if args.compile:
+            pipe.transformer.compile_blocks(backend=args.compile_backend)
+        image = demo_image(256, 384).numpy()
+        prompt = "a red ball bouncing on a wooden floor"
+        with sdpa_kernel(sdpa, set_priority=True):
+            pipe(image, prompt, alg=preset.alg, progress=False, **dict(generation, num_inference_steps=2))
+            reset_peak_memory(device)
+            start = time.perf_counter()
+            pipe(image, prompt, alg=preset.alg, progress=False, **dict(generation, num_inference_steps=steps))
+            total = time.perf_counter() - start  # the pipeline synchronises the device after each stage
+        run = {"preset": f"{family}_alg", "steps": steps, "seconds": round(total, 3),
+               "stages_s": {k: round(v, 3) for k, v in pipe.timings.items()},
+               "peak_memory_gib": peak_memory_gib(device)}
+        run.update({k: generation.get(k) for k in ("height", "width", "num_frames")})
+    return run
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minialg.bench", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--denoiser", action="store_true", help="the transformers alone (the default on CUDA)")
+    mode.add_argument("--pipelines", action="store_true",
+                      help="whole CPU runs against diffusers (the default without CUDA)")
     parser.add_argument("--compare-diffusers", action="store_true", help="time diffusers in the same run")
     parser.add_argument("--family", nargs="+", default=["wan", "cogvideox"], choices=["wan", "cogvideox"])
-    parser.add_argument("--size", default="mid", choices=["tiny", "mid"])
-    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--frames", type=int, default=17)
-    parser.add_argument("--height", type=int, default=128, help="Wan only: CogVideoX runs at its fixed size")
-    parser.add_argument("--width", type=int, default=192)
     parser.add_argument("--report", default="bench.json")
+    pipelines = parser.add_argument_group("--pipelines")
+    pipelines.add_argument("--size", default="mid", choices=["tiny", "mid"])
+    pipelines.add_argument("--steps", type=int, default=10)
+    pipelines.add_argument("--frames", type=int, default=17)
+    pipelines.add_argument("--height", type=int, default=128, help="Wan only: CogVideoX runs at its fixed size")
+    pipelines.add_argument("--width", type=int, default=192)
+    denoiser = parser.add_argument_group("--denoiser")
+    denoiser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    denoiser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    denoiser.add_argument("--small", action="store_true", help="the small configs (always on the CPU)")
+    denoiser.add_argument("--batches", type=int, nargs="+", default=[2, 3], help="2: CFG, 3: ALG")
+    denoiser.add_argument("--warmup", type=int, default=1)
+    denoiser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks")
+    denoiser.add_argument("--compile-backend", default="inductor")
+    denoiser.add_argument("--stream-blocks", action="store_true", help="also with the blocks streamed from the CPU")
+    denoiser.add_argument("--run-steps", type=int, default=None,
+                          help="steps of the whole ALG-preset run (default 50; 1 for small configs; 0: none)")
     args = parser.parse_args(argv)
     report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-              "runs": [cpu_run(family, args.size, args.steps, args.repeats, args.compare_diffusers, args.frames,
-                               args.height, args.width) for family in args.family]}
+              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    if args.pipelines or not (args.denoiser or torch.cuda.is_available()):
+        report["runs"] = [cpu_run(family, args.size, args.steps, args.repeats, args.compare_diffusers, args.frames,
+                                  args.height, args.width) for family in args.family]
+        Path(args.report).write_text(json.dumps(report, indent=2))
+        for run in report["runs"]:
+            line = f"{run['model']}: minialg {run['minialg_s']:.2f} s (with ALG {run['minialg_alg_s']:.2f} s)"
+            if "diffusers_s" in run:
+                line += (f", diffusers {run['diffusers_s']:.2f} s, speed-up x{run['speedup']:.2f}, "
+                         f"max |frames diff| {run['max_abs_diff']:.1e}")
+            print(line)
+        print(f"report: {args.report}")
+        return
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.run_steps is None:
+        args.run_steps = 50 if device.type == "cuda" and not args.small else 1
+    report["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else report["machine"]
+    report["matmul_tflops"] = matmul = round(matmul_tflops(device, dtype), 4)
+    report["runs"] = [denoiser_run(family, args, device, dtype, matmul) for family in args.family]
     Path(args.report).write_text(json.dumps(report, indent=2))
+    print(f"{report['device_name']}: {args.dtype} matmul {matmul:.1f} TFLOP/s")
     for run in report["runs"]:
-        line = f"{run['model']}: minialg {run['minialg_s']:.2f} s (with ALG {run['minialg_alg_s']:.2f} s)"
-        if "diffusers_s" in run:
-            line += (f", diffusers {run['diffusers_s']:.2f} s, speed-up x{run['speedup']:.2f}, "
-                     f"max |frames diff| {run['max_abs_diff']:.1e}")
-        print(line)
+        print_denoiser_run(run)
     print(f"report: {args.report}")
+
+
+def print_denoiser_run(run: dict) -> None:
+    print(f"{run['model']}, {run['dtype']}, compile {run['compile']}, SDPA {run['sdpa']['order'][0]} "
+          f"(ran: {run['sdpa']['ran']})")
+    print(f"{'batch':>7} {'ms/call':>10} {'TFLOP/s':>9} {'MFU':>6} {'peak GiB':>9}"
+          f" | {'streamed ms':>11} {'peak GiB':>9} | {'diffusers ms':>12} {'diffusers/ours':>14}")
+    for batch, row in run["batches"].items():
+        def num(key, fmt):
+            return "-" if row.get(key) is None else format(row[key], fmt)
+
+        print(f"{batch:>7} {row['ms']:>10.1f} {row['tflops']:>9.2f} {row['mfu']:>6.1%}"
+              f" {num('peak_memory_gib', '.2f'):>9}"
+              f" | {num('streamed_ms', '.1f'):>11} {num('streamed_peak_memory_gib', '.2f'):>9}"
+              f" | {num('diffusers_ms', '.1f'):>12} {num('diffusers_over_minialg', '.2f'):>14}")
+    if "whole_run" in run:
+        whole = run["whole_run"]
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in whole["stages_s"].items())
+        print(f"  whole run, {whole['preset']}, {whole['steps']} steps: {whole['seconds']:.1f} s ({stages})")
 
 
 if __name__ == "__main__":

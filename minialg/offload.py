@@ -1,0 +1,105 @@
+"""Keep a transformer's blocks in CPU memory and stream them to the GPU one at a time.
+
+`stream_blocks(model, device)` puts everything but the blocks on `device` and leaves the blocks' weights on the
+CPU (pinned when CUDA is available, so copies run asynchronously). Forward hooks on each block then do:
+
+    before block k:  wait until block k's copy has arrived (it was started while block k-1 ran; block 0 is
+                     copied on the spot), point the block's parameters at the copy, and start copying block
+                     k+1 on a side CUDA stream, so that copy overlaps block k's compute;
+    after block k:   point the parameters back at the CPU tensors; the device copy is freed.
+
+The device so holds the non-block weights, at most two blocks (the one computing and the one arriving) and the
+activations: peak = non-block weights + 2 blocks + activations. On a CPU device the same bookkeeping runs with
+plain copies and no streams (what the tests exercise). Works with `compile_blocks`: the hooks run outside the
+compiled block graphs, which see device parameters on every call.
+"""
+
+import torch
+import torch.nn as nn
+
+
+class BlockStreamer:
+    """The hooks and state of one streamed model; `remove()` takes the hooks off (the blocks stay on the CPU).
+
+    Each block's weights live in one flat CPU buffer per dtype (the parameters are views of it), so a block
+    travels in one or two large copies, and its device copy is one allocation per dtype.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device):
+        self.device = device
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.host = [pack(block) for block in blocks]  # per block: [(flat CPU buffer, [(param, offset)])]
+        self.arriving = {}  # block index -> (device buffers, copy-done event or None): copies under way
+        self.handles = []
+        for k, block in enumerate(blocks):
+            self.handles.append(block.register_forward_pre_hook(lambda module, args, k=k: self.before(k)))
+            self.handles.append(block.register_forward_hook(lambda module, args, out, k=k: self.after(k)))
+
+    def fetch(self, k: int) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        """Start copying block k's buffers to the device: on the side stream on CUDA, at once elsewhere."""
+        if self.copy_stream is None:
+            return [flat.to(self.device, copy=True) for flat, _ in self.host[k]], None
+        with torch.cuda.stream(self.copy_stream):
+            copies = [flat.to(self.device, non_blocking=True) for flat, _ in self.host[k]]
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        return copies, done
+
+    def before(self, k: int) -> None:
+        copies, done = self.arriving.pop(k, None) or self.fetch(k)
+        if done is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(done)  # a device-side wait: the host does not block
+            for flat in copies:  # allocated on the side stream, used on this one: not reused before it is done
+                flat.record_stream(compute)
+        for flat, (_, params) in zip(copies, self.host[k]):
+            point(params, flat)
+        if k + 1 < len(self.host) and k + 1 not in self.arriving:
+            self.arriving[k + 1] = self.fetch(k + 1)
+
+    def after(self, k: int) -> None:
+        for flat, params in self.host[k]:
+            point(params, flat)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.arriving.clear()
+
+
+def pack(block: nn.Module) -> list[tuple[torch.Tensor, list[tuple[nn.Parameter, int]]]]:
+    """Copy a block's parameters into one flat CPU buffer per dtype (pinned when CUDA is available), each
+    parameter at an offset aligned to 64 elements, and point the parameters at their views of it."""
+    by_dtype = {}
+    for p in block.parameters():
+        by_dtype.setdefault(p.dtype, []).append(p)
+    packed = []
+    for dtype, params in by_dtype.items():
+        offsets, size = [], 0
+        for p in params:
+            offsets.append(size)
+            size += -(-p.numel() // 64) * 64
+        flat = torch.empty(size, dtype=dtype, pin_memory=torch.cuda.is_available())
+        for p, offset in zip(params, offsets):
+            flat[offset:offset + p.numel()].copy_(p.data.flatten())
+        packed.append((flat, list(zip(params, offsets))))
+        point(packed[-1][1], flat)
+    return packed
+
+
+def point(params: list[tuple[nn.Parameter, int]], flat: torch.Tensor) -> None:
+    """Make each parameter's data its view of `flat` (a packed buffer, on the CPU or a device copy)."""
+    for p, offset in params:
+        p.data = flat[offset:offset + p.numel()].view(p.shape)
+
+
+def stream_blocks(model: nn.Module, device: torch.device | str) -> BlockStreamer:
+    """Move `model` to `device` except its blocks (`model.blocks` or `model.transformer_blocks`), which stay on
+    the CPU and visit `device` one at a time during forward (see the module docstring)."""
+    device = torch.device(device)
+    blocks = model.blocks if hasattr(model, "blocks") else model.transformer_blocks
+    in_blocks = {id(p) for p in blocks.parameters()}
+    for p in model.parameters():
+        if id(p) not in in_blocks:
+            p.data = p.data.to(device)
+    return BlockStreamer(blocks, device)
