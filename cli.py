@@ -5,6 +5,7 @@ The authors' command line works unchanged:
 plus our own flags (--seed, --device, --model, --negative_prompt, --dtype) and subcommands:
     python cli.py check MODEL            validate a checkpoint from its configs and headers, no tensor data read
     python cli.py download REPO_ID       fetch a checkpoint from the hub into weights/
+    python cli.py bench [--compare-diffusers]   benchmarks (python -m minialg.bench --help)
     python cli.py demo --output_path demo.mp4   a whole path (--family wan|cogvideox) on a tiny random checkpoint,
                                                 offline, on the CPU
 """
@@ -48,7 +49,8 @@ def generate(args) -> None:
         "use_dynamic_cfg")})
     start = time.perf_counter()
     pipe = minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
-                        offload_encoders=args.offload_encoders)
+                        offload_encoders=args.offload_encoders, compile=args.compile,
+                        stream_blocks=args.stream_blocks)
     frames = pipe(image, args.prompt, seed=seed, alg=config.alg, **generation)
     media.write_video(frames, output, fps=config.fps)
     times = ", ".join(f"{k} {v:.1f}s" for k, v in pipe.timings.items())
@@ -87,6 +89,10 @@ def demo(args) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":  # python cli.py bench ... == python -m minialg.bench ...
+        from minialg.bench import main as bench
+
+        return bench(argv[1:]) or 0
     commands = {"check": check, "download": download, "demo": demo}
     if argv and argv[0] in commands:
         parser = argparse.ArgumentParser(prog=f"cli.py {argv[0]}")
@@ -114,6 +120,9 @@ def main(argv=None) -> int:
         parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
         parser.add_argument("--offload_encoders", action="store_true",
                             help="keep the text/image encoders on the CPU between uses")
+        parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+        parser.add_argument("--stream_blocks", action="store_true",
+                            help="keep transformer blocks in CPU memory, stream them to the GPU one at a time")
         parser.add_argument("--model_cache_dir", default=None, help=argparse.SUPPRESS)  # the authors' flag
         command, args = generate, parser.parse_args(argv)
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import alg as lowpass
-from . import checkpoint, media
+from . import checkpoint, media, offload
 from .models.clip import CLIPVision, CLIPVisionConfig, preprocess as clip_preprocess
 from .models.cogvideox import CogVideoXTransformer, CogVideoXTransformerConfig
 from .models.cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig
@@ -61,11 +61,14 @@ def check(model) -> list[dict]:
     return summary
 
 
-def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool = False) -> "Pipeline":
+def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool = False, compile: bool = False,
+         stream_blocks: bool = False) -> "Pipeline":
     """Load a checkpoint folder (diffusers' layout) or hub repo id into a ready-to-call pipeline.
 
     The denoiser and text encoder run in `dtype`; Wan's VAE and CLIP stay float32, as the authors run them.
     With `offload_encoders`, the text and image encoders live on the CPU and visit `device` only to encode.
+    `compile` compiles each transformer block (regional torch.compile); `stream_blocks` keeps the transformer's
+    blocks in CPU memory and streams them to `device` one at a time (minialg.offload), for small GPUs.
     """
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -78,7 +81,13 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool =
     modules = {}
     for sub, (model_cls, config_cls) in cls.components.items():
         where = encoder_device if sub.endswith("encoder") else device
+        if sub == "transformer" and stream_blocks:
+            where = torch.device("cpu")  # stream_blocks moves what is not a block to the device
         modules[sub] = checkpoint.load(model_cls, config_cls, folder / sub, where, cls.dtypes.get(sub, dtype))
+    if stream_blocks:
+        offload.stream_blocks(modules["transformer"], device)
+    if compile:
+        modules["transformer"].compile_blocks()
     return cls(folder, modules, device, encoder_device)
 
 

@@ -205,3 +205,14 @@ def test_cogvideox_demo_runs_offline(tmp_path):
     assert out.returncode == 0, out.stderr
     frames, codec, _ = read_video(tmp_path / "d.mp4")
     assert len(frames) == 17 and frames[0].shape == (64, 96, 3) and np.std(frames) > 5
+
+
+def test_compile_and_stream_blocks_flags_keep_the_video(run, tmp_path, monkeypatch):
+    import torch
+
+    frames, compiled = {}, []
+    monkeypatch.setattr(cli.media, "write_video", lambda f, path, fps: frames.setdefault(len(frames), f))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or torch._dynamo.optimize("eager")(fn))
+    assert run()[0] == 0 and run(extra=["--compile", "--stream_blocks"])[0] == 0
+    assert len(compiled) == 2  # the tiny Wan's two blocks, each compiled on its own
+    assert torch.equal(frames[0], frames[1])
