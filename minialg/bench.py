@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import minialg
-from minialg.checkpoint import read_json
+from minialg.checkpoint import config_from, read_json
 from minialg.config import load_config
 from minialg.demo import demo_image, train_tokenizer, write_tiny
 from minialg.models.cogvideox import CogVideoXTransformer, CogVideoXTransformerConfig
@@ -361,7 +361,7 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
     model_cls, config_cls, checkpoint = DENOISERS[family]
     small = args.small or device.type != "cuda"
     config = denoiser_config(family, small)
-    cfg = config_cls.from_dict(config)
+    cfg = config_from(config_cls, config)
     model = random_model(model_cls, cfg, device, dtype)
     if args.compile:
         torch._dynamo.reset()  # a fresh cache, so the graphs counted below are this model's
@@ -433,7 +433,7 @@ def random_pipeline(family: str, folder: Path, device: torch.device, dtype: torc
         shutil.copytree(REAL_CONFIGS / DENOISERS[family][2], folder, dirs_exist_ok=True)
         (folder / "tokenizer").mkdir(exist_ok=True)
         train_tokenizer(folder / "tokenizer" / "spiece.model")
-    modules = {sub: random_model(model_cls, config_cls.from_dict(read_json(folder / sub / "config.json")), device,
+    modules = {sub: random_model(model_cls, config_from(config_cls, read_json(folder / sub / "config.json")), device,
                                  cls.dtypes.get(sub, dtype))
                for sub, (model_cls, config_cls) in cls.components.items()}
     return cls(folder, modules, device, device)

@@ -9,6 +9,7 @@ every tensor name and shape is checked against the safetensors headers (no tenso
 are the tensors streamed one by one to the target device and dtype.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -107,9 +108,16 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no safetensors weights in {folder}")
 
 
+def config_from(config_cls, values: dict):
+    """A model's config dataclass from a config.json dict: its own fields taken, the rest (`_class_name`,
+    `_diffusers_version`, `architectures`, `torch_dtype`, ...) ignored."""
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in values.items() if k in known})
+
+
 def build(model_cls, config_cls, folder: Path):
     """The component's module on the meta device, from its config.json."""
-    config = config_cls.from_dict(read_json(folder / "config.json"))
+    config = config_from(config_cls, read_json(folder / "config.json"))
     with torch.device("meta"):
         return model_cls(config)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import read_json
+from .checkpoint import config_from, read_json
 from .pipeline import CogVideoX, Wan
 
 REAL = Path(__file__).parent / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers"
@@ -100,7 +100,7 @@ def write_tiny(folder: Path, family: str = "wan", seed: int = 0, size: str = "ti
     generator = torch.Generator().manual_seed(seed)
     for sub, config in configs.items():
         model_cls, config_cls = pipeline.components[sub]
-        module = model_cls(config_cls.from_dict(config))
+        module = model_cls(config_from(config_cls, config))
         randomize(module, generator)
         tensors = {name: t.contiguous() for name, t in module.state_dict().items()}
         if sub == "image_encoder":  # the published file's names: a prefix, and a projection we never use

@@ -18,10 +18,6 @@ REAL = Path(__file__).resolve().parent.parent / "minialg" / "real_configs"
 class TinyConfig:
     dim: int = 4
 
-    @classmethod
-    def from_dict(cls, d):
-        return cls(dim=d["dim"])
-
 
 class Tiny(torch.nn.Module):
     fp32_params = ("norm",)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minialg.models.clip import CLIPVision, CLIPVisionConfig, preprocess
+from minialg.checkpoint import config_from
 
 REAL = Path(__file__).resolve().parent.parent / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers"
 
@@ -34,7 +35,7 @@ def tiny_reference(hidden_act: str, patch_size: int):
 
 
 def load_into_ours(config: dict, state: dict) -> CLIPVision:
-    ours = CLIPVision(CLIPVisionConfig.from_dict(config)).eval()
+    ours = CLIPVision(config_from(CLIPVisionConfig, config)).eval()
     mapped = {CLIPVision.checkpoint_name(k): v for k, v in state.items()}
     ours.load_state_dict({k: v for k, v in mapped.items() if k is not None}, strict=True)
     return ours
@@ -86,7 +87,7 @@ def test_real_config_keys_and_shapes_on_meta():
 
     config = json.loads((REAL / "image_encoder" / "config.json").read_text())
     with torch.device("meta"):
-        ours = CLIPVision(CLIPVisionConfig.from_dict(config))
+        ours = CLIPVision(config_from(CLIPVisionConfig, config))
         ref = CLIPVisionModelWithProjection(RefConfig(**config))
     assert ours.config.hidden_act == "gelu" and ours.config.num_hidden_layers == 32 and ours.config.patch_size == 14
     ref_shapes = {}

@@ -10,6 +10,7 @@ import torch
 from diffusers import CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel
 
 from minialg.models.cogvideox import CogVideoXTransformer, CogVideoXTransformerConfig
+from minialg.checkpoint import config_from
 
 REAL_CONFIGS = Path(__file__).resolve().parent.parent / "minialg" / "real_configs"
 VAE_SCALE_SPATIAL = 8  # pixels per latent pixel; the pipeline's rotary helper takes pixel sizes
@@ -69,7 +70,7 @@ def build_pair(config: dict, seed: int = 0) -> tuple[CogVideoXTransformer3DModel
     with torch.no_grad():  # every weight random (LayerNorms start at 1/0), the learned table's text rows too
         for t in ref.state_dict().values():
             t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.3)
-    ours = CogVideoXTransformer(CogVideoXTransformerConfig.from_dict(dict(ref.config))).eval()
+    ours = CogVideoXTransformer(config_from(CogVideoXTransformerConfig, dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -174,7 +175,7 @@ def test_real_config_state_dict_on_meta(real: str):
     init = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
         ref = CogVideoXTransformer3DModel(**init)
-        ours = CogVideoXTransformer(CogVideoXTransformerConfig.from_dict(config))
+        ours = CogVideoXTransformer(config_from(CogVideoXTransformerConfig, config))
     expected = {name: tuple(t.shape) for name, t in ref.state_dict().items()}
     got = {name: tuple(t.shape) for name, t in ours.state_dict().items()}
     assert got == expected

@@ -11,6 +11,7 @@ from minialg import checkpoint
 from minialg.models import cogvideox_vae
 from minialg.models.cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig
 from minialg.models.wan_vae import sample_posterior
+from minialg.checkpoint import config_from
 
 REAL_CONFIG = Path(__file__).resolve().parent.parent / "minialg" / "real_configs" / "CogVideoX-5b-I2V" / "vae"
 
@@ -42,7 +43,7 @@ def reference(**kwargs) -> AutoencoderKLCogVideoX:
 def models(request):
     """(diffusers reference, ours) with the same random weights."""
     ref = reference(**TINY_CONFIGS[request.param])
-    ours = CogVideoXVAE(CogVideoXVAEConfig.from_dict(dict(ref.config))).eval()
+    ours = CogVideoXVAE(config_from(CogVideoXVAEConfig, dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -94,7 +95,7 @@ TILINGS = [((48, 40), (1 / 6, 1 / 5), (8, 7)), ((16, 24), (1 / 6, 1 / 5), (3, 5)
 @pytest.mark.parametrize("tile_size,overlap,latent_size", TILINGS)
 def test_tiled_decode(tile_size, overlap, latent_size):
     ref = reference(**TINY_CONFIGS["latent4"])
-    ours = CogVideoXVAE(CogVideoXVAEConfig.from_dict(dict(ref.config))).eval()
+    ours = CogVideoXVAE(config_from(CogVideoXVAEConfig, dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     ref.enable_tiling(tile_size[0], tile_size[1], *overlap)
     torch.manual_seed(4)
@@ -114,7 +115,7 @@ def test_tiled_decode(tile_size, overlap, latent_size):
 )
 def test_tiled_encode(tile_size, overlap, video_size):
     ref = reference(**TINY_CONFIGS["latent4"])
-    ours = CogVideoXVAE(CogVideoXVAEConfig.from_dict(dict(ref.config))).eval()
+    ours = CogVideoXVAE(config_from(CogVideoXVAEConfig, dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     ref.enable_tiling(tile_size[0], tile_size[1], *overlap)
     torch.manual_seed(5)
@@ -146,7 +147,7 @@ def test_real_config_state_dict():
     config = json.loads((REAL_CONFIG / "config.json").read_text())
     with torch.device("meta"):
         ref = AutoencoderKLCogVideoX(**{k: v for k, v in config.items() if not k.startswith("_")})
-        ours = CogVideoXVAE(CogVideoXVAEConfig.from_dict(config))
+        ours = CogVideoXVAE(config_from(CogVideoXVAEConfig, config))
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert len(list(ours.buffers())) == 0
     assert ours.config.scaling_factor == 0.7 and ours.config.invert_scale_latents is False

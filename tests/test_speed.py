@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minialg import bench
 from minialg.offload import stream_blocks
+from minialg.checkpoint import config_from
 
 CPU = torch.device("cpu")
 CASES = {  # name -> (family, config): the bench's small configs, and a CogVideoX 1.5 layout beside them
@@ -27,7 +28,7 @@ CASES = {  # name -> (family, config): the bench's small configs, and a CogVideo
 def build(case: str, seed: int = 0):
     family, config = CASES[case]
     model_cls, config_cls, _ = bench.DENOISERS[family]
-    cfg = config_cls.from_dict(config)
+    cfg = config_from(config_cls, config)
     return family, cfg, bench.random_model(model_cls, cfg, CPU, torch.float32, seed)
 
 
@@ -57,7 +58,7 @@ def test_flop_count_equals_torch_flop_counter(case):
 def test_flop_count_at_the_real_shape(family):
     """At real size and shape (B=3), run on the meta device: no memory, no compute, the same ops counted."""
     model_cls, config_cls, _ = bench.DENOISERS[family]
-    cfg = config_cls.from_dict(bench.denoiser_config(family, small=False))
+    cfg = config_from(config_cls, bench.denoiser_config(family, small=False))
     with torch.device("meta"):
         model = model_cls(cfg)
         if family == "wan":  # 480x832, 81 frames
@@ -168,7 +169,7 @@ def test_bench_denoiser_mode_on_cpu(tmp_path):
         assert run["compiled_graphs"] == 2 and run["streamed_recompiles"] == 0
         assert set(run["batches"]) == {"2", "3"}
         model_cls, config_cls, _ = bench.DENOISERS[run["family"]]
-        cfg = config_cls.from_dict(bench.denoiser_config(run["family"], small=True))
+        cfg = config_from(config_cls, bench.denoiser_config(run["family"], small=True))
         for batch, row in run["batches"].items():
             shapes = run["input_shapes"][batch]
             assert all(shape[0] == int(batch) for shape in shapes)

@@ -13,6 +13,7 @@ import transformers
 from safetensors.torch import load_file
 
 from minialg.models.t5 import T5Config, T5Encoder, Tokenizer, clean_prompt, relative_position_buckets
+from minialg.checkpoint import config_from
 
 REAL_CONFIGS = Path(__file__).resolve().parent.parent / "minialg" / "real_configs"
 REFERENCES = {"umt5": (transformers.UMT5Config, transformers.UMT5EncoderModel),
@@ -43,7 +44,7 @@ def save_tiny_reference(model_type: str, folder: Path) -> torch.nn.Module:
 
 
 def load_ours(folder: Path) -> T5Encoder:
-    cfg = T5Config.from_dict(json.loads((folder / "config.json").read_text()))
+    cfg = config_from(T5Config, json.loads((folder / "config.json").read_text()))
     tensors = load_file(folder / "model.safetensors")
     state = {T5Encoder.checkpoint_name(n): t for n, t in tensors.items() if T5Encoder.checkpoint_name(n)}
     with torch.device("meta"):
@@ -93,7 +94,7 @@ def test_state_dict_matches_real_configs(model_type, folder):
     config_class, model_class = REFERENCES[model_type]
     with torch.device("meta"):
         ref = model_class(config_class.from_dict(d))
-        ours = T5Encoder(T5Config.from_dict(d))
+        ours = T5Encoder(config_from(T5Config, d))
     assert ours.config.model_type == model_type and ours.config.num_layers == 24
     expected = {T5Encoder.checkpoint_name(n): tuple(t.shape) for n, t in ref.state_dict().items()
                 if T5Encoder.checkpoint_name(n) is not None}
@@ -127,7 +128,7 @@ def test_config_rejects_what_is_not_implemented():
     with pytest.raises(ValueError):
         T5Config(feed_forward_proj="relu")
     with pytest.raises(ValueError):
-        T5Config.from_dict({"model_type": "mt5"})
+        config_from(T5Config, {"model_type": "mt5"})
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------------------

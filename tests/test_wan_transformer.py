@@ -8,6 +8,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from minialg.models.wan import WanTransformer, WanTransformerConfig
+from minialg.checkpoint import config_from
 
 REAL_CONFIG = (Path(__file__).resolve().parent.parent / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers/transformer/config.json")
 
@@ -48,7 +49,7 @@ def build_pair(config: dict, seed: int = 0) -> tuple[WanTransformer3DModel, WanT
     torch.manual_seed(seed)
     ref = WanTransformer3DModel(**config).eval()
     randomise(ref, seed)
-    ours = WanTransformer(WanTransformerConfig.from_dict(dict(ref.config))).eval()
+    ours = WanTransformer(config_from(WanTransformerConfig, dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -137,7 +138,7 @@ def test_image_position_embedding_matches_diffusers():
 
 def test_real_config_names_and_shapes_on_meta():
     real = json.loads(REAL_CONFIG.read_text())
-    cfg = WanTransformerConfig.from_dict(real)
+    cfg = config_from(WanTransformerConfig, real)
     assert cfg.patch_size == (1, 2, 2) and cfg.image_dim == 1280 and cfg.added_kv_proj_dim == 5120
     with torch.device("meta"):
         ref = WanTransformer3DModel.from_config(real)
@@ -160,7 +161,7 @@ def test_fp32_params_follow_diffusers_rule():
     config = dict(TINY_I2V)
     with torch.device("meta"):
         ref = WanTransformer3DModel(**config)
-        ours = WanTransformer(WanTransformerConfig.from_dict(config))
+        ours = WanTransformer(config_from(WanTransformerConfig, config))
     assert set(WanTransformer.fp32_params) <= set(ref._keep_in_fp32_modules)
     kept = {n for n, _ in ours.named_parameters() if set(n.split(".")) & set(WanTransformer.fp32_params)}
     ref_kept = {n for n, _ in ref.named_parameters() if set(n.split(".")) & set(ref._keep_in_fp32_modules)}

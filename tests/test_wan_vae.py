@@ -9,6 +9,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from minialg.models.wan_vae import WanVAE, WanVAEConfig, sample_posterior
+from minialg.checkpoint import config_from
 
 REAL_CONFIG = (Path(__file__).resolve().parent.parent / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers/vae/config.json")
 
@@ -41,7 +42,7 @@ def models(request):
         for name, p in ref.named_parameters():
             if name.endswith("gamma"):
                 p.uniform_(0.5, 1.5)
-    ours = WanVAE(WanVAEConfig.from_dict(dict(ref.config))).eval()
+    ours = WanVAE(config_from(WanVAEConfig, dict(ref.config))).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
 
@@ -93,7 +94,7 @@ def test_sample_posterior():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_normalize_denormalize(dtype):
-    cfg = WanVAEConfig.from_dict(json.loads(REAL_CONFIG.read_text()))
+    cfg = config_from(WanVAEConfig, json.loads(REAL_CONFIG.read_text()))
     with torch.device("meta"):
         vae = WanVAE(cfg)
     torch.manual_seed(4)
@@ -108,7 +109,7 @@ def test_normalize_denormalize(dtype):
 
 def test_real_config_state_dict_matches_reference():
     config = json.loads(REAL_CONFIG.read_text())
-    cfg = WanVAEConfig.from_dict(config)
+    cfg = config_from(WanVAEConfig, config)
     assert (cfg.base_dim, cfg.z_dim, cfg.dim_mult, cfg.num_res_blocks) == (96, 16, [1, 2, 4, 4], 2)
     assert cfg.temperal_downsample == [False, True, True] and cfg.decoder_base_dim is None
     with torch.device("meta"):

@@ -4,7 +4,7 @@ Equal to transformers' CLIPVisionModelWithProjection, minus the projection head,
 preprocessing of CLIPImageProcessor (the Pillow path: resize shortest edge, center crop, rescale, normalize).
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,10 +25,6 @@ class CLIPVisionConfig:
     hidden_act: str = "quick_gelu"  # "gelu" (erf) or "quick_gelu"
     layer_norm_eps: float = 1e-5
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "CLIPVisionConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class Embeddings(nn.Module):

@@ -12,7 +12,7 @@ T text tokens, D model width, N heads, Dh head width, E time embedding width.
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -59,10 +59,6 @@ class CogVideoXTransformerConfig:
         if self.patch_size_t is not None and not self.use_rotary_positional_embeddings:
             raise ValueError("CogVideoX: temporal patching (patch_size_t) needs rotary positional embeddings")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "CogVideoXTransformerConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def timestep_sinusoid(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:

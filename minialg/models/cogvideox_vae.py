@@ -15,7 +15,7 @@ latents, resized (nearest) to the feature map.
 Tensor names equal those of diffusers' AutoencoderKLCogVideoX checkpoints (vae/diffusion_pytorch_model.safetensors).
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable
 
 import math
@@ -56,10 +56,6 @@ class CogVideoXVAEConfig:
     use_post_quant_conv: bool = False  # only False is supported
     invert_scale_latents: bool = False  # applied by the pipeline, not here
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "CogVideoXVAEConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class ChunkedConv3d(nn.Conv3d):

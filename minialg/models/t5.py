@@ -11,7 +11,7 @@ import html
 import json
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece
@@ -48,10 +48,6 @@ class T5Config:
         if self.model_type not in ("t5", "umt5"):
             raise ValueError(f"model_type {self.model_type!r} is neither 't5' nor 'umt5'")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "T5Config":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
     @property
     def bias_in_every_block(self) -> bool:

@@ -10,7 +10,7 @@ D model width, N heads, Dh head width, T text tokens, I image tokens (257 for Wa
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -37,13 +37,8 @@ class WanTransformerConfig:
     rope_max_seq_len: int = 1024  # size of diffusers' precomputed RoPE table; we compute only what is used
     pos_embed_seq_len: int | None = None  # learned position embedding of the image tokens (FLF2V)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanTransformerConfig":
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        if "patch_size" in kwargs:
-            kwargs["patch_size"] = tuple(kwargs["patch_size"])
-        return cls(**kwargs)
+    def __post_init__(self):
+        self.patch_size = tuple(self.patch_size)  # a list in config.json
 
 
 def fp32_layer_norm(x: torch.Tensor, eps: float, norm: nn.LayerNorm | None = None) -> torch.Tensor:

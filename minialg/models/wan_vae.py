@@ -12,7 +12,7 @@ so results match it bit for bit.
 Tensor names equal those of diffusers' AutoencoderKLWan checkpoints (vae/diffusion_pytorch_model.safetensors).
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -48,10 +48,6 @@ class WanVAEConfig:
     scale_factor_temporal: int = 4
     scale_factor_spatial: int = 8
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "WanVAEConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class CausalConv3d(nn.Conv3d):
