@@ -436,7 +436,7 @@ def random_pipeline(family: str, folder: Path, device: torch.device, dtype: torc
     modules = {sub: random_model(model_cls, config_from(config_cls, read_json(folder / sub / "config.json")), device,
                                  cls.dtypes.get(sub, dtype))
                for sub, (model_cls, config_cls) in cls.components.items()}
-    return cls(folder, modules, device, device)
+    return cls(folder, modules, device, device, dtype)
 
 
 def whole_run(family: str, device: torch.device, dtype: torch.dtype, small: bool, steps: int, args,

@@ -88,7 +88,7 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool =
         offload.stream_blocks(modules["transformer"], device)
     if compile:
         modules["transformer"].compile_blocks()
-    return cls(folder, modules, device, encoder_device)
+    return cls(folder, modules, device, encoder_device, dtype)
 
 
 class Pipeline:
@@ -99,8 +99,9 @@ class Pipeline:
     dtypes: dict = {}  # components that keep their own dtype
     family: str  # the ALG family rule (alg.three_pass)
 
-    def __init__(self, folder: Path, modules: dict, device: torch.device, encoder_device: torch.device):
-        self.folder, self.device, self.encoder_device = folder, device, encoder_device
+    def __init__(self, folder: Path, modules: dict, device: torch.device, encoder_device: torch.device,
+                 dtype: torch.dtype):
+        self.folder, self.device, self.encoder_device, self.dtype = folder, device, encoder_device, dtype
         self.transformer, self.vae, self.text_encoder = modules["transformer"], modules["vae"], modules["text_encoder"]
         self.tokenizer = Tokenizer(folder / "tokenizer" / "spiece.model")
         self.scheduler_config = checkpoint.read_json(folder / "scheduler" / "scheduler_config.json")
@@ -176,10 +177,6 @@ class Pipeline:
         self.text_encoder.to(self.encoder_device)
         return hidden, mask
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
 
 class Wan(Pipeline):
     """Wan 2.1 I2V: condition = [mask ; VAE latent of (image, zeros...)], CLIP image tokens, UniPC."""
@@ -190,8 +187,8 @@ class Wan(Pipeline):
     dtypes = {"vae": torch.float32, "image_encoder": torch.float32}
     family, two_pass_filters = "wan", False  # two-pass steps see the sharp condition
 
-    def __init__(self, folder, modules, device, encoder_device):
-        super().__init__(folder, modules, device, encoder_device)
+    def __init__(self, folder, modules, device, encoder_device, dtype):
+        super().__init__(folder, modules, device, encoder_device, dtype)
         self.image_encoder = modules["image_encoder"]
         self.processor_config = checkpoint.read_json(folder / "image_processor" / "preprocessor_config.json")
 
