@@ -44,8 +44,13 @@ from minialg.config import load_config
 from minialg.demo import demo_image, train_tokenizer, write_tiny
 from minialg.models.cogvideox import CogVideoXTransformer, CogVideoXTransformerConfig
 from minialg.models.wan import WanTransformer, WanTransformerConfig
-from minialg.offload import stream_blocks
+from minialg.gpu import blocks_of, compile_blocks, stream_blocks
 from minialg.pipeline import CogVideoX, Wan
+
+
+def sig(x: float) -> float:
+    """x to 4 significant digits, for the report (fixed decimals would erase small ratios and rates)."""
+    return float(f"{x:.4g}")
 
 
 def time_runs(runs: dict, repeats: int) -> dict:
@@ -89,12 +94,12 @@ def cpu_run(family: str, size: str, steps: int, repeats: int, compare: bool, fra
         results = time_runs(runs, repeats)
         pipe(image, prompt, seed=42, progress=False, **args)  # once more, for the stage times of a CFG run
         report = {"model": f"{family} I2V layout, '{size}' random weights", "device": "cpu", **args,
-                  "repeats": repeats, "minialg_s": round(results["minialg"][0], 3),
-                  "minialg_alg_s": round(results["minialg_alg"][0], 3),
-                  "minialg_stages_s": {k: round(v, 3) for k, v in pipe.timings.items()}}
+                  "repeats": repeats, "minialg_s": sig(results["minialg"][0]),
+                  "minialg_alg_s": sig(results["minialg_alg"][0]),
+                  "minialg_stages_s": {k: sig(v) for k, v in pipe.timings.items()}}
         if compare:
             (ref_s, ref), (ours_s, ours) = results["diffusers"], results["minialg"]
-            report.update(diffusers_s=round(ref_s, 3), speedup=round(ref_s / ours_s, 3),
+            report.update(diffusers_s=sig(ref_s), speedup=sig(ref_s / ours_s),
                           max_abs_diff=float(np.abs(ours.numpy() - ref).max()))
     return report
 
@@ -291,7 +296,7 @@ def sdpa_order(lengths: list[tuple[int, int]], heads: int, head_dim: int, device
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     order = sorted(times, key=times.get)
-    return order, {backend.name.lower(): round(ms, 3) for backend, ms in times.items()}
+    return order, {backend.name.lower(): sig(ms) for backend, ms in times.items()}
 
 
 def sdpa_kernels_ran(fn) -> dict[str, int]:
@@ -365,7 +370,7 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
     model = random_model(model_cls, cfg, device, dtype)
     if args.compile:
         torch._dynamo.reset()  # a fresh cache, so the graphs counted below are this model's
-        model.compile_blocks(backend=args.compile_backend)
+        compile_blocks(model, backend=args.compile_backend)
     generator = torch.Generator(device).manual_seed(1)
     inputs = {b: denoiser_inputs(family, cfg, b, small, device, dtype, generator) for b in args.batches}
     first = inputs[args.batches[0]]
@@ -384,8 +389,8 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
             ms, peak = measure(lambda: model(*inputs[b]), device, args.warmup, args.repeats)
             flops = denoiser_flops(family, cfg, inputs[b])
             tflops = flops / ms / 1e9
-            report["batches"][str(b)] = {"ms": round(ms, 3), "flops": flops, "tflops": round(tflops, 4),
-                                         "mfu": round(tflops / matmul, 4), "peak_memory_gib": peak}
+            report["batches"][str(b)] = {"ms": sig(ms), "flops": flops, "tflops": sig(tflops),
+                                         "mfu": sig(tflops / matmul), "peak_memory_gib": peak}
             outputs[b] = model(*inputs[b])
         report["sdpa"]["ran"] = sdpa_kernels_ran(lambda: model(*first))
         if device.type == "cuda":
@@ -395,12 +400,12 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
         if args.compare_diffusers:
             ref, call = diffusers_denoiser(family, config, model, device)
             if args.compile:  # the same regional compilation for diffusers' blocks
-                for block in ref.blocks if family == "wan" else ref.transformer_blocks:
+                for block in blocks_of(ref):
                     block.compile(dynamic=False, backend=args.compile_backend)
             for b in args.batches:
                 ms, _ = measure(lambda: call(*inputs[b]), device, args.warmup, args.repeats)
                 row = report["batches"][str(b)]
-                row.update(diffusers_ms=round(ms, 3), diffusers_over_minialg=round(ms / row["ms"], 3),
+                row.update(diffusers_ms=sig(ms), diffusers_over_minialg=sig(ms / row["ms"]),
                            diffusers_max_rel_diff=rel_diff(outputs[b], call(*inputs[b])))
             del ref, call
             gc.collect()  # compiled blocks hold themselves in a cycle; their weights are ours, freed below
@@ -410,8 +415,8 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
             for b in args.batches:
                 ms, peak = measure(lambda: model(*inputs[b]), device, args.warmup, args.repeats)
                 row = report["batches"][str(b)]
-                row.update(streamed_ms=round(ms, 3), streamed_peak_memory_gib=peak,
-                           stream_slowdown=round(ms / row["ms"], 3),
+                row.update(streamed_ms=sig(ms), streamed_peak_memory_gib=peak,
+                           stream_slowdown=sig(ms / row["ms"]),
                            streamed_max_abs_diff=(model(*inputs[b]) - outputs[b]).abs().max().item())
             streamer.remove()
             if args.compile:
@@ -450,7 +455,7 @@ def whole_run(family: str, device: torch.device, dtype: torch.dtype, small: bool
     with tempfile.TemporaryDirectory() as tmp:
         pipe = random_pipeline(family, Path(tmp), device, dtype, small)
         if args.compile:
-            pipe.transformer.compile_blocks(backend=args.compile_backend)
+            compile_blocks(pipe.transformer, backend=args.compile_backend)
         image = demo_image(256, 384).numpy()
         prompt = "a red ball bouncing on a wooden floor"
         with sdpa_kernel(sdpa, set_priority=True):
@@ -459,8 +464,8 @@ def whole_run(family: str, device: torch.device, dtype: torch.dtype, small: bool
             start = time.perf_counter()
             pipe(image, prompt, alg=preset.alg, progress=False, **dict(generation, num_inference_steps=steps))
             total = time.perf_counter() - start  # the pipeline synchronises the device after each stage
-        run = {"preset": f"{family}_alg", "steps": steps, "seconds": round(total, 3),
-               "stages_s": {k: round(v, 3) for k, v in pipe.timings.items()},
+        run = {"preset": f"{family}_alg", "steps": steps, "seconds": sig(total),
+               "stages_s": {k: sig(v) for k, v in pipe.timings.items()},
                "peak_memory_gib": peak_memory_gib(device)}
         run.update({k: generation.get(k) for k in ("height", "width", "num_frames")})
     return run
@@ -513,7 +518,7 @@ def main(argv=None) -> None:
     if args.run_steps is None:
         args.run_steps = 50 if device.type == "cuda" and not args.small else 1
     report["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else report["machine"]
-    report["matmul_tflops"] = matmul = round(matmul_tflops(device, dtype), 4)
+    report["matmul_tflops"] = matmul = sig(matmul_tflops(device, dtype))
     report["runs"] = [denoiser_run(family, args, device, dtype, matmul) for family in args.family]
     Path(args.report).write_text(json.dumps(report, indent=2))
     print(f"{report['device_name']}: {args.dtype} matmul {matmul:.1f} TFLOP/s")

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import alg as lowpass
-from . import checkpoint, media, offload
+from . import checkpoint, gpu, media
 from .models.clip import CLIPVision, CLIPVisionConfig, preprocess as clip_preprocess
 from .models.cogvideox import CogVideoXTransformer, CogVideoXTransformerConfig
 from .models.cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig
@@ -68,7 +68,7 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool =
     The denoiser and text encoder run in `dtype`; Wan's VAE and CLIP stay float32, as the authors run them.
     With `offload_encoders`, the text and image encoders live on the CPU and visit `device` only to encode.
     `compile` compiles each transformer block (regional torch.compile); `stream_blocks` keeps the transformer's
-    blocks in CPU memory and streams them to `device` one at a time (minialg.offload), for small GPUs.
+    blocks in CPU memory and streams them to `device` one at a time (minialg.gpu), for small GPUs.
     """
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -85,9 +85,9 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool =
             where = torch.device("cpu")  # stream_blocks moves what is not a block to the device
         modules[sub] = checkpoint.load(model_cls, config_cls, folder / sub, where, cls.dtypes.get(sub, dtype))
     if stream_blocks:
-        offload.stream_blocks(modules["transformer"], device)
+        gpu.stream_blocks(modules["transformer"], device)
     if compile:
-        modules["transformer"].compile_blocks()
+        gpu.compile_blocks(modules["transformer"])
     return cls(folder, modules, device, encoder_device, dtype)
 
 

@@ -1,6 +1,6 @@
 """The speed and memory machinery, on the CPU: the analytic FLOP counts against torch's FlopCounterMode, regional
 compilation (one graph per batch size for all blocks, no recompiles between steps, no graph breaks, the same
-outputs), blocks streamed by minialg.offload (the same outputs, every block back on the CPU afterwards), and the
+outputs), blocks streamed by minialg.gpu (the same outputs, every block back on the CPU afterwards), and the
 denoiser benchmark's report."""
 
 import json
@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from minialg import bench
-from minialg.offload import stream_blocks
+from minialg.gpu import blocks_of, compile_blocks, stream_blocks
 from minialg.checkpoint import config_from
 
 CPU = torch.device("cpu")
@@ -35,10 +35,6 @@ def build(case: str, seed: int = 0):
 def inputs(family: str, cfg, batch: int, seed: int) -> tuple:
     generator = torch.Generator().manual_seed(seed)
     return bench.denoiser_inputs(family, cfg, batch, True, CPU, torch.float32, generator)
-
-
-def blocks_of(model):
-    return model.blocks if hasattr(model, "blocks") else model.transformer_blocks
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -93,7 +89,7 @@ def test_compile_blocks_one_graph_per_batch_size(family):
 
         torch._dynamo.reset()
         counters.clear()
-        model.compile_blocks(backend="eager")
+        compile_blocks(model, backend="eager")
         for (_, args), want in zip(steps, expected):
             assert torch.equal(model(*args), want)
     assert counters["stats"]["unique_graphs"] == 2
@@ -145,7 +141,7 @@ def test_stream_blocks_with_compiled_blocks():
         expected = [model(*a) for a in args]
         torch._dynamo.reset()
         counters.clear()
-        model.compile_blocks(backend="eager")
+        compile_blocks(model, backend="eager")
         stream_blocks(model, "cpu")
         for _ in range(2):
             for a, want in zip(args, expected):

@@ -326,15 +326,6 @@ class CogVideoXTransformer(nn.Module):
         self.norm_out = OutputNorm(cfg, dim)
         self.proj_out = nn.Linear(dim, cfg.patch_size**2 * (cfg.patch_size_t or 1) * cfg.out_channels)
 
-    def compile_blocks(self, **compile_kwargs) -> None:
-        """Regional compilation: `torch.compile` each block's forward (static shapes unless `dynamic` is given).
-
-        Every block runs the same code object, so one graph per input shape serves all blocks; hooks on the
-        blocks (minialg.offload) run outside the graphs.
-        """
-        compile_kwargs.setdefault("dynamic", False)
-        for block in self.transformer_blocks:
-            block.forward = torch.compile(block.forward, **compile_kwargs)
 
     def embed_time(self, timestep: torch.Tensor, ofs: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """(B,) timesteps (and ofs, (B,) or (1,)) -> (B, E); features cast to `dtype` before the MLPs, as diffusers."""

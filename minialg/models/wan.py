@@ -288,15 +288,6 @@ class WanTransformer(nn.Module):
         """The published I2V checkpoints carry unused `attn2.norm_added_q` weights; diffusers skips them too."""
         return None if ".norm_added_q." in name else name
 
-    def compile_blocks(self, **compile_kwargs) -> None:
-        """Regional compilation: `torch.compile` each block's forward (static shapes unless `dynamic` is given).
-
-        Every block runs the same code object, so one graph per input shape serves all blocks; hooks on the
-        blocks (minialg.offload) run outside the graphs.
-        """
-        compile_kwargs.setdefault("dynamic", False)
-        for block in self.blocks:
-            block.forward = torch.compile(block.forward, **compile_kwargs)
 
     def forward(
         self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None

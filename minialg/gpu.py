@@ -1,4 +1,9 @@
-"""Keep a transformer's blocks in CPU memory and stream them to the GPU one at a time.
+"""GPU speed and memory for the transformers: regional compilation, and blocks streamed from CPU memory.
+
+`compile_blocks(model)` compiles each block's forward with torch.compile; every block runs the same code, so
+one graph per input shape serves them all, and the code around the blocks stays eager (cheap, and free of
+graph breaks).
+
 
 `stream_blocks(model, device)` puts everything but the blocks on `device` and leaves the blocks' weights on the
 CPU (pinned when CUDA is available, so copies run asynchronously). Forward hooks on each block then do:
@@ -16,6 +21,19 @@ compiled block graphs, which see device parameters on every call.
 
 import torch
 import torch.nn as nn
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The repeated blocks of a transformer: Wan's `blocks`, CogVideoX's `transformer_blocks` (checkpoint names)."""
+    return model.blocks if hasattr(model, "blocks") else model.transformer_blocks
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
+    """Regional compilation: `torch.compile` each block's forward (static shapes unless `dynamic` is given).
+    Forward hooks on the blocks (stream_blocks) run outside the compiled graphs."""
+    compile_kwargs.setdefault("dynamic", False)
+    for block in blocks_of(model):
+        block.forward = torch.compile(block.forward, **compile_kwargs)
 
 
 class BlockStreamer:
@@ -97,7 +115,7 @@ def stream_blocks(model: nn.Module, device: torch.device | str) -> BlockStreamer
     """Move `model` to `device` except its blocks (`model.blocks` or `model.transformer_blocks`), which stay on
     the CPU and visit `device` one at a time during forward (see the module docstring)."""
     device = torch.device(device)
-    blocks = model.blocks if hasattr(model, "blocks") else model.transformer_blocks
+    blocks = blocks_of(model)
     in_blocks = {id(p) for p in blocks.parameters()}
     for p in model.parameters():
         if id(p) not in in_blocks:
