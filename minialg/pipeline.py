@@ -148,11 +148,9 @@ class Pipeline:
                     v = lowpass.guided(uncond, cond_lp, w, uncond_lp)
                 else:
                     c = condition_lp(s) if use_alg and self.two_pass_filters else condition
-                    w_i = 1 + w * (1 - math.cos(math.pi * ((steps - timesteps[i]) / steps) ** 5.0)) / 2 \
-                        if dynamic_cfg else w
                     if cfg:
                         uncond, cond = self.denoise(x, t, [c, c], [text[1], text[0]])
-                        v = lowpass.guided(uncond, cond, w_i)
+                        v = lowpass.guided(uncond, cond, dynamic_scale(w, timesteps[i], steps) if dynamic_cfg else w)
                     else:
                         (v,) = self.denoise(x, t, [c], [text[0]])
                 x = solver.step(v, i, x)
@@ -285,6 +283,11 @@ class CogVideoX(Pipeline):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         z = 1 / self.vae.config.scaling_factor * x[:, self.extra_frames:].permute(0, 2, 1, 3, 4)  # the reference's op
         return self.vae.decode(z, tiled=self.tiled_decode)[0]
+
+
+def dynamic_scale(w: float, t: int, steps: int) -> float:
+    """CogVideoX's dynamic CFG: the scale rises from 1 to 1 + w along a cosine of the timestep t."""
+    return 1 + w * (1 - math.cos(math.pi * ((steps - t) / steps) ** 5.0)) / 2
 
 
 def settle(defaults: dict, *, height=None, width=None, num_frames=None, num_inference_steps=50,
