@@ -216,3 +216,23 @@ def test_compile_and_stream_blocks_flags_keep_the_video(run, tmp_path, monkeypat
     assert run()[0] == 0 and run(extra=["--compile", "--stream_blocks"])[0] == 0
     assert len(compiled) == 2  # the tiny Wan's two blocks, each compiled on its own
     assert torch.equal(frames[0], frames[1])
+
+
+def test_download_fetches_a_named_model_into_weights(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from minialg import checkpoint
+
+    calls = []
+    monkeypatch.setattr(checkpoint, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append((repo, kw)))
+    assert cli.main(["download", "THUDM/CogVideoX-5b-I2V"]) == 0
+    assert calls[0][0] == "THUDM/CogVideoX-5b-I2V" and calls[0][1]["local_dir"] == tmp_path / "weights" / "CogVideoX-5b-I2V"
+    assert "downloaded THUDM/CogVideoX-5b-I2V" in capsys.readouterr().out
+
+    def offline(repo, **kw):
+        raise OSError("no route to host\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert cli.main(["download", "THUDM/CogVideoX-5b-I2V"]) != 0
+    assert capsys.readouterr().err.strip() == "error: could not download THUDM/CogVideoX-5b-I2V: OSError: no route to host"
