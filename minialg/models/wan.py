@@ -198,18 +198,12 @@ class SelfAttention(nn.Module):
         return self.to_out[0](attend(q, k, v))  # (B, L, D)
 
 
-class CrossAttention(nn.Module):
-    """Video tokens attend to the text and, in a second softmax, to the image tokens; the two are summed."""
+class CrossAttention(SelfAttention):
+    """Video tokens attend to the text and, in a second softmax, to the image tokens; the two are summed.
+    The same projections and norms as self-attention, plus the image's own k/v projections and k norm."""
 
     def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        super().__init__(dim, heads, eps)
         self.add_k_proj = self.add_v_proj = self.norm_added_k = None
         if added_kv_proj_dim is not None:
             self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
