@@ -1,7 +1,7 @@
-"""Tiny random Wan 2.1 I2V and CogVideoX I2V checkpoints in the real folder layout, written without diffusers.
+"""Tiny random checkpoints of every family in the real folder layout, written without diffusers.
 
 Each has every file a real checkpoint has (model_index.json, config.json + safetensors per component, the
-tokenizer's spiece.model, the scheduler config, Wan's image processor config), with small sizes and random
+tokenizer's spiece.model, the scheduler config, Wan 2.1's image processor config), with small sizes and random
 weights, so `python cli.py demo` runs a whole path offline on a CPU in seconds. The video it makes is noise.
 """
 
@@ -13,10 +13,13 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import config_from, read_json
-from .pipeline import CogVideoX, Wan
+from .pipeline import pipeline_class
 
-REAL = Path(__file__).parent / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers"
-REAL_COGVIDEOX = Path(__file__).parent / "real_configs" / "CogVideoX-5b-I2V"
+REAL_CONFIGS = Path(__file__).parent / "real_configs"
+REAL = REAL_CONFIGS / "Wan2.1-I2V-14B-480P-Diffusers"
+REAL_COGVIDEOX = REAL_CONFIGS / "CogVideoX-5b-I2V"
+FAMILIES = {"wan": "Wan2.1-I2V-14B-480P-Diffusers", "wan22": "Wan2.2-I2V-A14B-Diffusers",
+            "wan22_ti2v": "Wan2.2-TI2V-5B-Diffusers", "cogvideox": "CogVideoX-5b-I2V"}  # family -> real configs
 TEXT = """a red ball bouncing on a wooden floor
 a car chase through narrow city streets at night
 a snowboarder doing a backflip off a jump
@@ -33,8 +36,10 @@ SIZES = {  # width of each component: "tiny" for the demo and tests, "mid" for C
 }
 
 
-def tiny_configs(vocab_size: int, size: str = "tiny") -> dict:
-    """Small configs with the real configs' keys (diffusers/transformers spelling)."""
+def tiny_configs(vocab_size: int, size: str = "tiny", family: str = "wan") -> dict:
+    """Small configs of a Wan family ("wan", "wan22", "wan22_ti2v") with the real configs' keys."""
+    if family != "wan":
+        return tiny_wan22_configs(vocab_size, size, family)
     s = SIZES[size]
     clip = dict(read_json(REAL / "image_encoder" / "config.json"), hidden_size=s["clip"],
                 intermediate_size=2 * s["clip"], num_attention_heads=4, num_hidden_layers=s["clip_layers"],
@@ -47,6 +52,21 @@ def tiny_configs(vocab_size: int, size: str = "tiny") -> dict:
                 relative_attention_max_distance=16)
     vae = dict(read_json(REAL / "vae" / "config.json"), base_dim=s["vae"], dim_mult=[1, 2, 2, 2])
     return {"transformer": transformer, "image_encoder": clip, "text_encoder": text, "vae": vae}
+
+
+def tiny_wan22_configs(vocab_size: int, size: str, family: str) -> dict:
+    """Wan 2.2: A14B's two experts (no CLIP) with Wan 2.1's VAE, or TI2V's transformer on the residual VAE."""
+    s, real = SIZES[size], REAL_CONFIGS / FAMILIES[family]
+    wan21 = tiny_configs(vocab_size, size)
+    transformer = dict(read_json(real / "transformer" / "config.json"), **{
+        k: wan21["transformer"][k] for k in ("attention_head_dim", "num_attention_heads", "num_layers", "ffn_dim",
+                                             "freq_dim", "text_dim")})
+    configs = {"transformer": transformer, "text_encoder": wan21["text_encoder"]}
+    if family == "wan22":
+        return dict(configs, transformer_2=transformer, vae=wan21["vae"])
+    vae = dict(read_json(real / "vae" / "config.json"), base_dim=s["vae"], decoder_base_dim=2 * s["vae"],
+               dim_mult=[1, 2, 2, 2])
+    return dict(configs, vae=vae)
 
 
 def tiny_cogvideox_configs(vocab_size: int, size: str = "tiny") -> dict:
@@ -91,15 +111,29 @@ def train_tokenizer(path: Path) -> int:
 
 
 def write_tiny(folder: Path, family: str = "wan", seed: int = 0, size: str = "tiny") -> Path:
-    """Write a tiny checkpoint of `family` ("wan" or "cogvideox") into `folder` (created); returns it."""
-    folder = Path(folder)
-    real, pipeline = (REAL, Wan) if family == "wan" else (REAL_COGVIDEOX, CogVideoX)
+    """Write a tiny checkpoint of `family` (a key of FAMILIES) into `folder` (created); returns it."""
+    folder, real = Path(folder), REAL_CONFIGS / FAMILIES[family]
     (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
     vocab_size = train_tokenizer(folder / "tokenizer" / "spiece.model")
-    configs = tiny_configs(vocab_size, size) if family == "wan" else tiny_cogvideox_configs(vocab_size, size)
-    generator = torch.Generator().manual_seed(seed)
+    configs = tiny_cogvideox_configs(vocab_size, size) if family == "cogvideox" else \
+        tiny_configs(vocab_size, size, family)
+    (folder / "model_index.json").write_text((real / "model_index.json").read_text())
     for sub, config in configs.items():
-        model_cls, config_cls = pipeline.components[sub]
+        (folder / sub).mkdir(exist_ok=True)
+        (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
+    for sub in ("scheduler", "image_processor"):
+        if (real / sub).is_dir():
+            (folder / sub).mkdir(exist_ok=True)
+            for file in (real / sub).iterdir():
+                (folder / sub / file.name).write_text(file.read_text())
+    if (folder / "image_processor").is_dir():
+        processor = read_json(folder / "image_processor" / "preprocessor_config.json")
+        side = SIZES[size]["image"]
+        processor.update(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        (folder / "image_processor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    generator = torch.Generator().manual_seed(seed)
+    for sub, (model_cls, config_cls) in pipeline_class(folder).components_of(folder).items():
+        config = configs[sub]
         module = model_cls(config_from(config_cls, config))
         randomize(module, generator)
         tensors = {name: t.contiguous() for name, t in module.state_dict().items()}
@@ -107,20 +141,8 @@ def write_tiny(folder: Path, family: str = "wan", seed: int = 0, size: str = "ti
             tensors = {f"vision_model.{name}": t for name, t in tensors.items()}
             tensors["visual_projection.weight"] = torch.randn(config["projection_dim"], config["hidden_size"],
                                                               generator=generator)
-        (folder / sub).mkdir(exist_ok=True)
-        (folder / sub / "config.json").write_text(json.dumps(config, indent=2))
-        stem = "diffusion_pytorch_model" if sub in ("transformer", "vae") else "model"
+        stem = "model" if sub.endswith("encoder") else "diffusion_pytorch_model"
         save_file(tensors, str(folder / sub / f"{stem}.safetensors"))
-    for sub in ("scheduler", "image_processor") if family == "wan" else ("scheduler",):
-        (folder / sub).mkdir(exist_ok=True)
-        for file in (real / sub).iterdir():
-            (folder / sub / file.name).write_text(file.read_text())
-    if family == "wan":
-        processor = read_json(folder / "image_processor" / "preprocessor_config.json")
-        side = SIZES[size]["image"]
-        processor.update(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-        (folder / "image_processor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-    (folder / "model_index.json").write_text((real / "model_index.json").read_text())
     return folder
 
 

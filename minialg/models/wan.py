@@ -168,10 +168,13 @@ class ConditionEmbedder(nn.Module):
     def forward(
         self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Returns temb (B, D), block modulation (B, 6, D), text (B, T, D), image (B, I, D) or None."""
-        t_freq = timestep_sinusoid(timestep, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
-        temb = self.time_embedder(t_freq).to(text.dtype)  # (B, D), in the text's dtype as diffusers
-        modulation = self.time_proj(self.act_fn(temb)).unflatten(1, (6, -1))  # (B, 6, D)
+        """timestep (B,) or (B, F) -> temb (B, F|1, D), block modulation (B, F|1, 6, D); text (B, T, D), image
+        (B, I, D) or None. F|1: one timestep per latent frame (Wan 2.2 TI2V) or one for the whole video."""
+        timestep = timestep if timestep.ndim == 2 else timestep[:, None]  # (B, F|1)
+        t_freq = timestep_sinusoid(timestep.flatten(), self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
+        temb = self.time_embedder(t_freq).to(text.dtype)  # (B F|1, D), in the text's dtype as diffusers
+        modulation = self.time_proj(self.act_fn(temb)).unflatten(1, (6, -1))  # (B F|1, 6, D)
+        temb, modulation = temb.unflatten(0, timestep.shape), modulation.unflatten(0, timestep.shape)
         text = self.text_embedder(text)
         if image is not None:
             image = self.image_embedder(image)
@@ -244,19 +247,27 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        """x (B, L, D), text (B, T, D), image (B, I, D) or None, modulation (B, 6, D), cos/sin (L, Dh/2)."""
-        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.scale_shift_table + modulation.float()).chunk(
-            6, dim=1
-        )  # (B, 1, D) each, float32
+        """x (B, L, D), text (B, T, D), image (B, I, D) or None, modulation (B, F|1, 6, D), cos/sin (L, Dh/2).
 
-        h = (fp32_layer_norm(x, self.eps) * (1 + scale) + shift).type_as(x)
-        x = (x.float() + self.attn1(h, cos, sin) * gate).type_as(x)
+        The modulation holds one set of vectors per latent frame (or one for all): the elementwise steps see the
+        tokens as (B, F|1, L/(F|1), D), so each frame's tokens take their frame's vectors without a copy per token.
+        """
+        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (
+            self.scale_shift_table + modulation.float()
+        ).unsqueeze(-2).unbind(-3)  # (B, F|1, 1, D) each, float32
+        frames = modulation.shape[1]
+
+        def by_frame(t: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, F|1, L/(F|1), D)
+            return t.unflatten(1, (frames, -1))
+
+        h = (fp32_layer_norm(by_frame(x), self.eps) * (1 + scale) + shift).flatten(1, 2).type_as(x)
+        x = (by_frame(x).float() + by_frame(self.attn1(h, cos, sin)) * gate).flatten(1, 2).type_as(x)
 
         h = x if self.norm2 is None else fp32_layer_norm(x, self.eps, self.norm2).type_as(x)
         x = x + self.attn2(h, text, image)
 
-        h = (fp32_layer_norm(x, self.eps) * (1 + ffn_scale) + ffn_shift).type_as(x)
-        return (x.float() + self.ffn(h).float() * ffn_gate).type_as(x)
+        h = (fp32_layer_norm(by_frame(x), self.eps) * (1 + ffn_scale) + ffn_shift).flatten(1, 2).type_as(x)
+        return (by_frame(x).float() + by_frame(self.ffn(h)).float() * ffn_gate).flatten(1, 2).type_as(x)
 
 
 class WanTransformer(nn.Module):
@@ -286,8 +297,8 @@ class WanTransformer(nn.Module):
     def forward(
         self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """x (B, C_in, F, H, W), timestep (B,), text (B, T, text_dim), image (B, I, image_dim) or None
-        -> (B, C_out, F, H, W) in x's dtype."""
+        """x (B, C_in, F, H, W), timestep (B,) or one per latent frame (B, F), text (B, T, text_dim), image
+        (B, I, image_dim) or None -> (B, C_out, F, H, W) in x's dtype."""
         pf, ph, pw = self.config.patch_size
         f, h, w = x.shape[2] // pf, x.shape[3] // ph, x.shape[4] // pw
         cos, sin = rope_cos_sin(self.config.attention_head_dim, f, h, w, x.device)  # (L, Dh/2) each
@@ -297,8 +308,9 @@ class WanTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, text, image, modulation, cos, sin)
 
-        shift, scale = (self.scale_shift_table + temb[:, None, :]).chunk(2, dim=1)  # (B, 1, D) each, float32
-        x = (fp32_layer_norm(x, self.config.eps) * (1 + scale) + shift).type_as(x)
+        shift, scale = (self.scale_shift_table + temb[:, :, None]).unsqueeze(-2).unbind(-3)  # (B, F|1, 1, D) each
+        by_frame = x.unflatten(1, (temb.shape[1], -1))  # (B, F|1, L/(F|1), D)
+        x = (fp32_layer_norm(by_frame, self.config.eps) * (1 + scale) + shift).flatten(1, 2).type_as(x)
         x = self.proj_out(x)  # (B, L, pf*ph*pw*C_out)
         return rearrange(
             x, "b (f h w) (pf ph pw c) -> b c (f pf) (h ph) (w pw)", f=f, h=h, w=w, pf=pf, ph=ph, pw=pw
