@@ -41,10 +41,10 @@ class WanVAEConfig:
     temperal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])  # (sic) per level
     latents_mean: list[float] = field(default_factory=lambda: list(_WAN21_LATENTS_MEAN))
     latents_std: list[float] = field(default_factory=lambda: list(_WAN21_LATENTS_STD))
-    is_residual: bool = False  # Wan 2.2's residual VAE: not supported
+    is_residual: bool = False  # True: Wan 2.2's residual VAE (wan22_vae.py)
     in_channels: int = 3
     out_channels: int = 3
-    patch_size: int | None = None  # Wan 2.2's patchified VAE: not supported
+    patch_size: int | None = None  # Wan 2.2: pixels folded into channels in patch x patch squares
     scale_factor_temporal: int = 4
     scale_factor_spatial: int = 8
 
@@ -181,15 +181,15 @@ class Upsample2x(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W (nearest, then a conv that halves the channels); if temporal, also double time.
+    """Double H and W (nearest, then a conv to out_dim channels, by default half); if temporal, also double time.
 
     Temporal: a causal conv makes 2C channels that become two frames per input frame. The first chunk (the
     first latent frame) is not doubled, so 1 + k latent frames become 1 + 2k, then 1 + 4k.
     """
 
-    def __init__(self, dim: int, temporal: bool):
+    def __init__(self, dim: int, temporal: bool, out_dim: int | None = None):
         super().__init__()
-        self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        self.resample = nn.Sequential(Upsample2x(), nn.Conv2d(dim, out_dim or dim // 2, 3, padding=1))
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0)) if temporal else None
 
     def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
@@ -202,8 +202,8 @@ class Upsample(nn.Module):
                 x = self.time_conv(x, cache)  # (B, 2C, T, H, W)
                 x = x.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
                 t = 2 * t
-        x = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # (BT, C/2, 2H, 2W)
-        return x.view(b, t, c // 2, 2 * h, 2 * w).permute(0, 2, 1, 3, 4)  # (B, C/2, T, 2H, 2W)
+        x = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))  # (BT, C_out, 2H, 2W)
+        return x.view(b, t, -1, 2 * h, 2 * w).permute(0, 2, 1, 3, 4)  # (B, C_out, T, 2H, 2W)
 
 
 class UpBlock(nn.Module):
@@ -226,12 +226,20 @@ class UpBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Video chunk (B, 3, T, H, W) -> (B, 2 z_dim, T', H/8, W/8): conv, down levels, mid, norm, conv."""
+    """Video chunk (B, C_in, T, H, W) -> (B, 2 z_dim, T', H/8, W/8): conv, down levels, mid, norm, conv."""
 
     def __init__(self, cfg: WanVAEConfig):
         super().__init__()
         dims = [cfg.base_dim * m for m in [1] + cfg.dim_mult]
         self.conv_in = CausalConv3d(cfg.in_channels, dims[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(self.levels(cfg, dims))
+        self.mid_block = MidBlock(dims[-1])
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], cfg.z_dim * 2, 3, padding=1)
+
+    @staticmethod
+    def levels(cfg: WanVAEConfig, dims: list[int]) -> list[nn.Module]:
+        """Wan 2.1: one flat list; per level num_res_blocks residual blocks, then a downsampler (not the last)."""
         layers = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             for _ in range(cfg.num_res_blocks):
@@ -239,10 +247,7 @@ class Encoder(nn.Module):
                 in_dim = out_dim
             if i < len(cfg.dim_mult) - 1:
                 layers.append(Downsample(out_dim, temporal=cfg.temperal_downsample[i]))
-        self.down_blocks = nn.ModuleList(layers)
-        self.mid_block = MidBlock(dims[-1])
-        self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = CausalConv3d(dims[-1], cfg.z_dim * 2, 3, padding=1)
+        return layers
 
     def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         x = self.conv_in(x, cache)
@@ -253,15 +258,22 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent chunk (B, z_dim, T, h, w) -> (B, 3, T', 8h, 8w): conv, mid, up levels, norm, conv."""
+    """Latent chunk (B, z_dim, T, h, w) -> (B, C_out, T', 8h, 8w): conv, mid, up levels, norm, conv."""
 
     def __init__(self, cfg: WanVAEConfig):
         super().__init__()
         base = cfg.decoder_base_dim or cfg.base_dim
         dims = [base * m for m in [cfg.dim_mult[-1]] + cfg.dim_mult[::-1]]
-        temperal_upsample = cfg.temperal_downsample[::-1]
         self.conv_in = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
         self.mid_block = MidBlock(dims[0])
+        self.up_blocks = nn.ModuleList(self.levels(cfg, dims))
+        self.norm_out = RMSNorm(dims[-1])
+        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
+
+    @staticmethod
+    def levels(cfg: WanVAEConfig, dims: list[int]) -> list[nn.Module]:
+        """Wan 2.1: one up block per level; every upsampler (all levels but the last) halves the channels."""
+        temperal_upsample = cfg.temperal_downsample[::-1]
         blocks = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             if i > 0:
@@ -270,9 +282,7 @@ class Decoder(nn.Module):
             if i < len(cfg.dim_mult) - 1:
                 upsample = "3d" if temperal_upsample[i] else "2d"
             blocks.append(UpBlock(in_dim, out_dim, cfg.num_res_blocks, upsample))
-        self.up_blocks = nn.ModuleList(blocks)
-        self.norm_out = RMSNorm(dims[-1])
-        self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1)
+        return blocks
 
     def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         x = self.conv_in(x, cache)
@@ -285,15 +295,23 @@ class Decoder(nn.Module):
 class WanVAE(nn.Module):
     """Wan 2.1 VAE: encode a video to a diagonal Gaussian posterior, decode latents to a video."""
 
+    encoder_cls, decoder_cls = Encoder, Decoder  # Wan22VAE swaps in its residual ones
+
     def __init__(self, cfg: WanVAEConfig):
         super().__init__()
-        if cfg.is_residual or cfg.patch_size is not None or cfg.attn_scales:
-            raise NotImplementedError("only the Wan 2.1 VAE (no residual, patch_size or attn_scales) is supported")
+        self.check_config(cfg)
         self.config = cfg
-        self.encoder = Encoder(cfg)
+        self.encoder = self.encoder_cls(cfg)
         self.quant_conv = CausalConv3d(cfg.z_dim * 2, cfg.z_dim * 2, 1)
         self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1)
-        self.decoder = Decoder(cfg)
+        self.decoder = self.decoder_cls(cfg)
+
+    @staticmethod
+    def check_config(cfg: WanVAEConfig) -> None:
+        if cfg.is_residual:
+            raise NotImplementedError("is_residual=True is the Wan 2.2 VAE: build minialg.models.wan22_vae.Wan22VAE")
+        if cfg.patch_size is not None or cfg.attn_scales:
+            raise NotImplementedError("the Wan 2.1 VAE takes no patch_size and no attn_scales")
 
     def encode(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, 1 + 4k, H, W) in [-1, 1] -> posterior mean and logvar (clamped), each (B, z, 1 + k, H/8, W/8)."""
