@@ -120,7 +120,9 @@ def test_whole_clip_without_frame_tiles(models):
 
 # (tile size, stride, tile frames, frame stride, latent frames, latent height, width): tiles in space and time; the
 # blend extents of the first two are powers of two (exact weights), of the last not
-TILINGS = [((32, 32), (16, 16), 8, 4, 5, 6, 7), ((32, 48), (24, 32), 8, 4, 4, 5, 9), ((48, 40), (36, 24), 12, 8, 6, 7, 6)]
+TILINGS = [((32, 32), (16, 16), 8, 4, 5, 6, 7),
+           ((32, 48), (24, 32), 8, 4, 4, 5, 9),
+           ((48, 40), (36, 24), 12, 8, 6, 7, 6)]
 
 
 @pytest.mark.parametrize("size,stride,frames,frame_stride,latent_frames,height,width", TILINGS)
@@ -166,7 +168,8 @@ def test_bf16(models):
     video = torch.rand(1, 3, 9, 24, 32, dtype=torch.bfloat16) * 2 - 1
     with torch.no_grad():
         assert torch.equal(ours.decode(z, tiled=True, **ours_tiling(**tiling)), ref.decode(z).sample)
-        assert torch.equal(ours.encode(video, tiled=True, **ours_tiling(**tiling))[0], ref.encode(video).latent_dist.mean)
+        mean = ours.encode(video, tiled=True, **ours_tiling(**tiling))[0]
+        assert torch.equal(mean, ref.encode(video).latent_dist.mean)
         set_tiling(ref)
         assert torch.equal(ours.decode(z), ref.decode(z).sample)
 

@@ -252,9 +252,8 @@ class HunyuanVideoVAE(nn.Module):
             raise NotImplementedError(f"act_fn {cfg.act_fn!r} is not supported")
         if cfg.temporal_compression_ratio != 4:
             raise NotImplementedError(f"temporal_compression_ratio {cfg.temporal_compression_ratio} (only 4)")
-        if set(cfg.down_block_types) != {"HunyuanVideoDownBlock3D"} or set(cfg.up_block_types) != {
-            "HunyuanVideoUpBlock3D"
-        }:
+        down_blocks_known = set(cfg.down_block_types) == {"HunyuanVideoDownBlock3D"}
+        if not down_blocks_known or set(cfg.up_block_types) != {"HunyuanVideoUpBlock3D"}:
             raise NotImplementedError("only HunyuanVideoDownBlock3D / HunyuanVideoUpBlock3D blocks are supported")
         if len({len(cfg.down_block_types), len(cfg.block_out_channels), len(cfg.up_block_types)}) != 1:
             raise ValueError("down_block_types, up_block_types and block_out_channels differ in length")
