@@ -110,6 +110,19 @@ def test_tiled_decode(tile_size, overlap, latent_size):
     assert video.shape != untiled.shape or rel_err(video, untiled) > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiled_decode_exact(dtype):
+    """Blend extents that are not powers of two (6 pixels), in float32 and bf16: the same bits as diffusers."""
+    ref = reference(**TINY_CONFIGS["latent4"]).to(dtype)
+    ours = CogVideoXVAE(config_from(CogVideoXVAEConfig, dict(ref.config))).eval().to(dtype)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref.enable_tiling(36, 30, 1 / 6, 1 / 5)
+    torch.manual_seed(4)
+    z = torch.randn(1, 4, 3, 7, 6, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(ours.decode(z, tiled=True, tile_size=(36, 30)), ref.decode(z).sample)
+
+
 @pytest.mark.parametrize(
     "tile_size,overlap,video_size", [((48, 40), (1 / 6, 1 / 5), (64, 56)), ((32, 32), (0.25, 0.5), (48, 56))]
 )

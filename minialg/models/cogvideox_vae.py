@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .tiling import run_in_tiles
+
 Cache = dict[nn.Module, torch.Tensor]  # causal conv -> the last k - 1 frames of its previous (padded) input
 
 MAX_CONV_ELEMENTS = 2**30  # a larger conv input is convolved in slices of time, as the reference does
@@ -309,41 +311,6 @@ def frame_batches(x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
     num_frames = x.shape[2]
     count = max(num_frames // batch_size, 1)
     return x.split([num_frames - (count - 1) * batch_size] + [batch_size] * (count - 1), dim=2)
-
-
-def blend(a: torch.Tensor, b: torch.Tensor, extent: int, dim: int) -> None:
-    """Cross-fade, in place, b's first `extent` rows (along dim) from the last `extent` rows of a."""
-    extent = min(a.shape[dim], b.shape[dim], extent)
-    shape = [1] * b.ndim
-    shape[dim] = extent
-    weight = (torch.arange(extent, device=b.device, dtype=torch.float32) / extent).view(shape)  # 0 -> a, 1 -> b
-    head = b.narrow(dim, 0, extent)
-    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * (1 - weight) + head * weight)
-
-
-def run_in_tiles(
-    x: torch.Tensor,
-    run: Callable[[torch.Tensor], torch.Tensor],
-    tile: tuple[int, int],
-    stride: tuple[int, int],
-    extent: tuple[int, int],
-    keep: tuple[int, int],
-) -> torch.Tensor:
-    """Run on overlapping (tile)-sized tiles every (stride) pixels of x, blend each output tile into the one above
-    and the one to its left over (extent) rows/columns, keep the first (keep) rows/columns of each, and join them.
-    """
-    height, width = x.shape[-2:]
-    rows = [
-        [run(x[..., i : i + tile[0], j : j + tile[1]]) for j in range(0, width, stride[1])]
-        for i in range(0, height, stride[0])
-    ]
-    for i, row in enumerate(rows):
-        for j, out in enumerate(row):
-            if i > 0:
-                blend(rows[i - 1][j], out, extent[0], dim=3)
-            if j > 0:
-                blend(row[j - 1], out, extent[1], dim=4)
-    return torch.cat([torch.cat([out[..., : keep[0], : keep[1]] for out in row], dim=4) for row in rows], dim=3)
 
 
 class CogVideoXVAE(nn.Module):
