@@ -89,9 +89,10 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention on (B, N, L, Dh) queries and (B, N, S, Dh) keys/values -> (B, L, N*Dh)."""
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2).type_as(q)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention on (B, N, L, Dh) queries and (B, N, S, Dh) keys/values -> (B, L, N*Dh); `mask`, if
+    given, is boolean and broadcasts to (B, N, L, S) (True: may attend)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2).type_as(q)
 
 
 class MLP(nn.Module):
