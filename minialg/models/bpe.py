@@ -369,7 +369,7 @@ class BPETokenizer:
     def __call__(self, texts: list[str] | str, max_length: int | None = None, padding: str = "max_length",
                  truncation: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """-> input_ids, attention_mask: (B, L) int64, L = max_length ("max_length") or the longest ("longest").
-        Truncation keeps the template's special tokens and the text's first ids."""
+        Truncation (to max_length; none without one) keeps the template's special tokens and the text's first ids."""
         texts = [texts] if isinstance(texts, str) else texts
         rows = [self.encode(text, add_special_tokens=False) for text in texts]
         if truncation and max_length is not None:
