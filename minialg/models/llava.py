@@ -13,12 +13,13 @@ lm_head are never built: `checkpoint_name` skips their tensors.
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minialg.checkpoint import config_from
 from minialg.models.clip import CLIPVision, CLIPVisionConfig
 from minialg.models.t5 import RMSNorm
 
@@ -97,9 +98,9 @@ class LlavaConfig:
         if self.text_config is None or self.vision_config is None:
             raise ValueError("a LLaVA config needs both text_config and vision_config")
         if isinstance(self.text_config, dict):
-            self.text_config = LlamaConfig(**_known(LlamaConfig, self.text_config))
+            self.text_config = config_from(LlamaConfig, self.text_config)
         if isinstance(self.vision_config, dict):
-            self.vision_config = CLIPVisionConfig(**_known(CLIPVisionConfig, self.vision_config))
+            self.vision_config = config_from(CLIPVisionConfig, self.vision_config)
         if self.vision_feature_layer != -2:
             raise ValueError(f"vision_feature_layer {self.vision_feature_layer} is not supported, only -2")
         if self.vision_feature_select_strategy not in ("default", "full"):
@@ -116,10 +117,6 @@ class LlavaConfig:
         vision = self.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches + (self.vision_feature_select_strategy == "full")
-
-
-def _known(config_cls, values: dict) -> dict:
-    return {k: v for k, v in values.items() if k in config_cls.__dataclass_fields__}
 
 
 def rope_inverse_frequencies(cfg: LlamaConfig) -> torch.Tensor:
@@ -291,6 +288,8 @@ def widen_image_token(input_ids: torch.Tensor, cfg: LlavaConfig, image_emb_start
     tokens of a row: each image token becomes image_emb_len slots, image_emb_start:image_emb_end are image slots,
     the rest of the widened row is pad_token_id. The mask marks every slot that is not pad_token_id (the tokenizer's
     own mask is not used); positions count the marked slots (1 where unmarked). Returns (ids, mask, positions)."""
+    if cfg.pad_token_id is None:
+        raise ValueError("the LLaVA config has no pad_token_id: the widened prompt cannot be padded")
     image = input_ids == cfg.image_token_index
     width = input_ids.shape[1] + int(image.sum(-1).max()) * (image_emb_len - 1)
     target = torch.cumsum(image * (image_emb_len - 1) + 1, -1) - 1  # where each old slot goes
@@ -314,9 +313,10 @@ def llama_prompt_embeds(encoder: LlavaTextEncoder, input_ids: torch.Tensor, atte
     CLIPImageProcessor's output (`clip.preprocess` with the image_processor config). image_embed_interleave keeps
     every k-th image state when 0 < k < 6 (diffusers: 2 for latent_concat checkpoints, 4 for token_replace).
 
-    Returns (embeds (B, T, C) on the encoder's device in its dtype, mask (B, T) int64): T = ceil(image_emb_len / k)
-    image states, then the text states from crop_start on with the 4 tokens before the assistant reply
-    (<|eot_id|><|start_header_id|>assistant<|end_header_id|>) left out.
+    Returns (embeds (B, T, C) on the encoder's device in its dtype, mask (B, T) int64): ceil(image_emb_len / k)
+    image states, then the max_sequence_length - 4 text states from crop_start on, the 4 tokens before the assistant
+    reply (<|eot_id|><|start_header_id|>assistant<|end_header_id|>) left out. The mask is 1 on the image states and
+    the tokenizer's mask on the text states.
     """
     cfg = encoder.config
     crop_start, image_len = template.get("crop_start"), template.get("image_emb_len", 576)
