@@ -127,3 +127,94 @@ def test_preprocess_matches_clip_image_processor(processor, height, width):
     assert got.shape == expected.shape == (1, 3, 224, 224) and got.dtype == torch.float32
     print(f"preprocess {height}x{width}: rel err {rel_err(got, expected):.2e}")
     assert torch.equal(got, expected)  # same pixels, same float32 arithmetic: bit-exact
+
+
+# --- the text encoder (HunyuanVideo's text_encoder_2) vs transformers' CLIPTextModel and the diffusers pipeline ---
+
+HUNYUAN = Path(__file__).resolve().parent.parent / "minialg" / "real_configs" / "HunyuanVideo-I2V"
+CLIP_PROMPTS = ["a cat", "A man with short gray hair plays a red electric guitar.", "waves " * 20]  # 3rd: truncated
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer(tmp_path_factory):
+    from hunyuan_text_reference import clip_tokenizer as make
+
+    return make(tmp_path_factory.mktemp("clip_tokenizer"))
+
+
+@pytest.mark.parametrize("eos_token_id,hidden_act", [(2, "quick_gelu"), (513, "quick_gelu"), (300, "quick_gelu"),
+                                                     (2, "gelu")])
+def test_text_pooled_output_matches_the_pipeline(clip_tokenizer, tmp_path, eos_token_id, hidden_act):
+    from hunyuan_text_reference import reference_pipeline, tiny_clip_text
+
+    from minialg.checkpoint import load
+    from minialg.models.clip import CLIPText, CLIPTextConfig
+
+    ref = tiny_clip_text(eos_token_id, hidden_act)
+    ref.save_pretrained(tmp_path)
+    ours = load(CLIPText, CLIPTextConfig, tmp_path)
+    pipe = reference_pipeline(text_encoder_2=ref, tokenizer_2=clip_tokenizer)
+    for prompt in CLIP_PROMPTS:
+        ids = clip_tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = pipe._get_clip_prompt_embeds(prompt, device="cpu")
+            assert torch.equal(ref(ids).pooler_output, expected)
+            got = ours(ids)
+        assert got.shape == (1, 32)
+        print(f"clip text eos {eos_token_id} {hidden_act} {len(prompt)} chars: rel err {rel_err(got, expected):.1e}")
+        assert torch.equal(got, expected)
+    assert ids[0, -1] == 513 and (ids[0, 1:-1] != 513).all()  # the long prompt was cut to 77 tokens
+    # eos_token_id 2 pools at the largest id (4 here), any other at its first occurrence (2 for 300, 4 for 513)
+    odd = torch.tensor([[512, 40, 300, 41, 513, 513, 7]])
+    with torch.no_grad():
+        assert torch.equal(ours(odd), ref(odd).pooler_output)
+        assert torch.equal(ours(odd), ref(odd).last_hidden_state[:, 2 if eos_token_id == 300 else 4])
+
+
+def test_text_loads_the_published_layout_and_runs_bf16(clip_tokenizer, tmp_path):
+    from hunyuan_text_reference import tiny_clip_text
+    from safetensors.torch import load_file, save_file
+    from transformers import CLIPTextModel
+
+    from minialg.checkpoint import load
+    from minialg.models.clip import CLIPText, CLIPTextConfig
+
+    tiny_clip_text().save_pretrained(tmp_path / "new")
+    state = load_file(tmp_path / "new" / "model.safetensors")  # transformers 5: no `text_model.` prefix
+    assert "embeddings.token_embedding.weight" in state
+    (tmp_path / "old").mkdir()
+    shutil.copy(tmp_path / "new" / "config.json", tmp_path / "old" / "config.json")
+    old = {"text_model." + k: v for k, v in state.items()} | {"text_model.embeddings.position_ids": torch.arange(77)[None]}
+    save_file(old, tmp_path / "old" / "model.safetensors")
+    ids = clip_tokenizer(CLIP_PROMPTS[:2], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(load(CLIPText, CLIPTextConfig, tmp_path / "new")(ids),
+                           load(CLIPText, CLIPTextConfig, tmp_path / "old")(ids))
+        ref = CLIPTextModel.from_pretrained(tmp_path / "new", dtype=torch.bfloat16).eval()
+        expected = ref(ids).pooler_output
+        got = load(CLIPText, CLIPTextConfig, tmp_path / "old", dtype=torch.bfloat16)(ids)
+        full = load(CLIPText, CLIPTextConfig, tmp_path / "old")(ids)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert rel_err(got.float(), full) > 1e-4  # the run really was in bf16
+
+
+def test_text_real_config_names_and_shapes_on_meta():
+    from transformers import CLIPTextConfig as RefConfig
+    from transformers import CLIPTextModel
+
+    from minialg.models.clip import CLIPText, CLIPTextConfig
+
+    config = json.loads((HUNYUAN / "text_encoder_2" / "config.json").read_text())
+    with torch.device("meta"):
+        ours = CLIPText(config_from(CLIPTextConfig, config))
+        ref = CLIPTextModel(RefConfig(**config))
+    assert ours.config.eos_token_id == 2 and ours.config.hidden_act == "quick_gelu"
+    expected = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    for prefix in ("", "text_model."):  # transformers 5 names, the published file's (older transformers)
+        assert {CLIPText.checkpoint_name(prefix + k): tuple(t.shape) for k, t in ref.state_dict().items()} == expected
+    assert CLIPText.checkpoint_name("text_model.embeddings.position_ids") is None
+    assert 123e6 < sum(t.numel() for t in ours.state_dict().values()) < 124e6  # CLIP ViT-L/14's text tower
+    with torch.no_grad():
+        assert ours(torch.zeros(1, 77, dtype=torch.long, device="meta")).shape == (1, 768)
+    with pytest.raises(ValueError, match="at most 77 tokens"):
+        ours(torch.zeros(1, 78, dtype=torch.long, device="meta"))

@@ -1,7 +1,10 @@
-"""CLIP vision tower (ViT), as Wan 2.1 I2V uses it: the penultimate hidden states of an image.
+"""CLIP: the vision tower (ViT) and the text encoder, which share one transformer block.
 
-Equal to transformers' CLIPVisionModelWithProjection, minus the projection head, plus the image
-preprocessing of CLIPImageProcessor (the Pillow path: resize shortest edge, center crop, rescale, normalize).
+Vision: the penultimate hidden states of an image, as Wan 2.1 I2V and LLaVA use them; equal to transformers'
+CLIPVisionModelWithProjection minus the projection head, plus the image preprocessing of CLIPImageProcessor (the
+Pillow path: resize shortest edge, center crop, rescale, normalize).
+Text: the pooled output of transformers' CLIPTextModel (causal blocks, final layer norm, the state at the end of
+text token), as HunyuanVideo uses it.
 """
 
 from dataclasses import dataclass
@@ -26,6 +29,20 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
 
 
+@dataclass
+class CLIPTextConfig:
+    """Keys of a CLIPTextModel config.json; defaults are transformers' CLIPTextConfig defaults."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # "gelu" (erf) or "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407  # 2 (older configs): the pooled token is the one with the largest id
+
 
 class Embeddings(nn.Module):
     """Patchify with a strided conv, prepend the class token, add learned positions."""
@@ -48,7 +65,9 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
+    """Multi-head self-attention; the text encoder's is causal (each token sees itself and the tokens before)."""
+
+    def __init__(self, cfg: CLIPVisionConfig | CLIPTextConfig):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
@@ -56,15 +75,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         B, L, C = x.shape
         q, k, v = (p(x).view(B, L, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, D)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, C))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
+    def __init__(self, cfg: CLIPVisionConfig | CLIPTextConfig):
         super().__init__()
         if cfg.hidden_act not in ("gelu", "quick_gelu"):
             raise ValueError(f"unsupported CLIP hidden_act {cfg.hidden_act!r} (expected 'gelu' or 'quick_gelu')")
@@ -81,20 +100,20 @@ class MLP(nn.Module):
 class EncoderLayer(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, cfg: CLIPVisionConfig):
+    def __init__(self, cfg: CLIPVisionConfig | CLIPTextConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = Attention(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), causal)
         return x + self.mlp(self.layer_norm2(x))
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
+    def __init__(self, cfg: CLIPVisionConfig | CLIPTextConfig):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
@@ -125,6 +144,49 @@ class CLIPVision(nn.Module):
         for layer in self.encoder.layers[:-1]:
             x = layer(x)
         return x
+
+
+class TextEmbeddings(nn.Module):
+    """Token embedding plus a learned embedding of the position."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = self.position_embedding.weight[: input_ids.shape[1]]  # (L, C)
+        return self.token_embedding(input_ids) + positions  # (B, L, C)
+
+
+class CLIPText(nn.Module):
+    """The text encoder. forward returns the pooled output: the final-normed state at the end-of-text token."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str | None:
+        """Map a tensor name of a CLIPTextModel file (`text_model.` prefix before transformers 5) to ours."""
+        return None if name.endswith("position_ids") else name.removeprefix("text_model.")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, L) int64, L <= max_position_embeddings (77 tokens, padded) -> pooled (B, C)."""
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"CLIP text takes at most {self.config.max_position_embeddings} tokens, "
+                             f"got {input_ids.shape[1]}")
+        x = self.embeddings(input_ids)  # (B, L, C)
+        for layer in self.encoder.layers:
+            x = layer(x, causal=True)
+        x = self.final_layer_norm(x)
+        ids = input_ids.to(torch.int)
+        # older configs say eos_token_id 2: the end-of-text token is then found as the largest id of the row
+        eos = ids.argmax(-1) if self.config.eos_token_id == 2 else (ids == self.config.eos_token_id).int().argmax(-1)
+        return x[torch.arange(x.shape[0], device=x.device), eos]  # (B, C)
 
 
 def preprocess(image: torch.Tensor, processor_config: dict) -> torch.Tensor:
