@@ -70,6 +70,7 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool =
     `compile` compiles each transformer block (regional torch.compile); `stream_blocks` keeps the transformer's
     blocks in CPU memory and streams them to `device` one at a time (minialg.gpu), for small GPUs.
     """
+    device = gpu.check_device(device)  # fail in one line when the device is not usable here
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
@@ -98,6 +99,7 @@ class Pipeline:
     files: list = []  # other files the family reads
     dtypes: dict = {}  # components that keep their own dtype
     family: str  # the ALG family rule (alg.three_pass)
+    progress: tuple[int, int] = (0, 0)  # (solver steps done, steps) of the current or last call
 
     def __init__(self, folder: Path, modules: dict, device: torch.device, encoder_device: torch.device,
                  dtype: torch.dtype):
@@ -119,6 +121,7 @@ class Pipeline:
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      max_sequence_length=max_sequence_length, use_dynamic_cfg=use_dynamic_cfg)
         alg, w, steps = run["alg"], run["guidance_scale"], num_inference_steps
+        self.progress = (0, steps)
         cfg, use_alg = w > 1.0, run["alg"].enabled
         dynamic_cfg = use_dynamic_cfg and not use_alg  # the reference ignores it while ALG is on
         pixels = media.load_image(image)  # fail on a bad image before any compute
@@ -154,6 +157,7 @@ class Pipeline:
                     else:
                         (v,) = self.denoise(x, t, [c], [text[0]])
                 x = solver.step(v, i, x)
+                self.progress = (i + 1, steps)
         with self._timer("decode"):
             video = self.decode(x)  # (3, F, H, W) in [-1, 1]
         return (video / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu()
