@@ -113,7 +113,7 @@ def compare(args) -> None:
     config, folder, image, generation, seed = run_settings(args)
     report = run_compare(image, args.prompt, args.output_dir, config=config, model=folder, seed=seed,
                          generation=generation, load=lambda: load_pipeline(args, folder, config), status=status)
-    print(summary(report))
+    print(summary(report, args.output_dir))
 
 
 def motion(args) -> None:
