@@ -77,12 +77,12 @@ def _run(pixels, prompt, tmp: Path, config, folder, seed, settings, device, dtyp
         status.pipe = pipe
     load_s = time.perf_counter() - start
     algs = {"baseline": dataclasses.replace(config.alg, use_low_pass_guidance=False), "alg": config.alg}
-    runs, videos = {}, {}
+    runs, videos, raw = {}, {}, {}
     for name in NAMES:
         if status is not None:
             status.run = "ALG" if name == "alg" else name
         start = time.perf_counter()
-        frames = pipe(pixels, prompt, seed=seed, alg=algs[name], **settings)
+        frames = raw[name] = pipe(pixels, prompt, seed=seed, alg=algs[name], **settings)
         run_s = time.perf_counter() - start
         media.write_video(frames, tmp / f"{name}.mp4", fps=config.fps)
         start = time.perf_counter()
@@ -93,9 +93,9 @@ def _run(pixels, prompt, tmp: Path, config, folder, seed, settings, device, dtyp
                       "timings_s": dict(pipe.timings, run=run_s, motion=time.perf_counter() - start)}
     if status is not None:
         status.run = ""
-    baseline, alg = videos["baseline"], videos["alg"]
-    gap = torch.full((baseline.shape[0], baseline.shape[1], GAP, 3), 255, dtype=torch.uint8)
-    media.write_video(torch.cat([baseline, gap, alg], dim=2).float() / 255, tmp / "side_by_side.mp4", fps=config.fps)
+    baseline, alg = raw["baseline"], raw["alg"]
+    gap = torch.ones(baseline.shape[0], baseline.shape[1], GAP, 3)
+    media.write_video(torch.cat([baseline, gap, alg], dim=2), tmp / "side_by_side.mp4", fps=config.fps)
     report = {
         "settings": {"model": str(folder), "prompt": prompt, "seed": seed, "fps": config.fps,
                      "dtype": str(pipe.dtype).replace("torch.", ""), "device": str(pipe.device),

@@ -58,7 +58,7 @@ def line_chart(title: str, x_label: str, y_label: str, series: dict, log_y: bool
     def py(y):
         return top + plot_h - (y_of(y) - y_range[0]) / (y_range[1] - y_range[0]) * plot_h
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+    parts = [f'<svg width="{WIDTH}" height="{HEIGHT}" '
              f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{esc(title)}">',
              f'<text x="{left}" y="18" class="title">{esc(title)}</text>',
              f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="plot"/>']
