@@ -10,8 +10,8 @@ the change between frames is flicker, and how close frame 0 stays to the input i
                 differences split at a spatial-frequency cut-off into low (motion) and high (flicker, artifacts)
     fidelity    PSNR and SSIM of frame 0 against the input image resized to the video's size
 
-Everything runs in torch on the video's device (CPU or GPU). `analyze(video, fps, image)` returns the report
-that `python cli.py motion --json` prints; `read_video(path)` decodes any file PyAV reads.
+Everything runs in torch, on the CPU or a GPU (`device`). `analyze(video, fps, image)` returns the report that
+`python cli.py motion --json` prints; `read_video(path)` decodes any file PyAV reads.
 """
 
 import math
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import media
+from .gpu import check_device
 
 LUMA = (0.299, 0.587, 0.114)  # BT.601 weights: flow and residuals are measured on luma
 
@@ -88,22 +89,6 @@ def luma(video: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # Optical flow: pyramidal Lucas-Kanade
 
-def gaussian_kernel(sigma: float, taps: int | None = None, device=None) -> torch.Tensor:
-    taps = taps or 2 * math.ceil(3 * sigma) + 1
-    x = torch.arange(taps, dtype=torch.float32, device=device) - (taps - 1) / 2
-    k = torch.exp(-x * x / (2 * sigma * sigma))
-    return k / k.sum()
-
-
-def blur(x: torch.Tensor, kernel: torch.Tensor, pad: bool = True) -> torch.Tensor:
-    """Separable filtering of every channel of (N, C, H, W); edges replicated (pad) or cropped (valid)."""
-    c, r = x.shape[1], len(kernel) // 2
-    if pad:
-        x = F.pad(x, (r, r, r, r), mode="replicate")
-    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Central differences of (N, 1, H, W), one-sided at the edges."""
     p = F.pad(x, (1, 1, 1, 1), mode="replicate")
@@ -142,9 +127,8 @@ def pyramid(x: torch.Tensor) -> list[torch.Tensor]:
 
 def lucas_kanade(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Flow (N, 2, H, W) from frames `first` to `second` (N, 1, H, W): pixel p of `first` is at p + flow in
-    `second`. Coarse to fine; at each level `second` is warped by the current flow and a Gaussian-weighted
-    least-squares fit (over a WINDOW-pixel square) of the brightness-constancy equation Ix u + Iy v + It = 0
-    gives the correction; the corrected flow is then averaged over the same window (without that, repeated
+    `second`. Coarse to fine; at each level `second` is warped by the current flow and a least-squares fit over
+    a WINDOW x WINDOW square of the brightness-constancy equation Ix u + Iy v + It = 0 gives the correction; the corrected flow is then averaged over the same window (without that, repeated
     refinements amplify pixel noise). Where the flow points outside `second`, It is taken as 0 (no evidence)."""
     flow = None
     for a, b in zip(reversed(pyramid(first)), reversed(pyramid(second))):
@@ -282,15 +266,28 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return PSNR_CAP_DB if mse == 0 else min(PSNR_CAP_DB, 10 * math.log10(255.0 ** 2 / mse))
 
 
+def gaussian_kernel(sigma: float, taps: int, device=None) -> torch.Tensor:
+    x = torch.arange(taps, dtype=torch.float64, device=device) - (taps - 1) / 2
+    k = torch.exp(-x * x / (2 * sigma * sigma))
+    return k / k.sum()
+
+
+def filter_valid(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Separable filtering of every channel of (N, C, H, W) over the windows that fit inside: (N, C, H - k + 1, ...)."""
+    c = x.shape[1]
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean SSIM of two (H, W, 3) 0..255 images: per channel over the valid windows, then over channels."""
     x, y = (t.double().permute(2, 0, 1)[None] for t in (a, b))  # (1, 3, H, W)
-    taps = min(SSIM_TAPS, *x.shape[-2:]) // 2 * 2 + 1 if min(x.shape[-2:]) >= 3 else 1
-    window = gaussian_kernel(SSIM_SIGMA, taps, x.device).double()
-    mean_x, mean_y = blur(x, window, pad=False), blur(y, window, pad=False)
-    var_x = blur(x * x, window, pad=False) - mean_x ** 2
-    var_y = blur(y * y, window, pad=False) - mean_y ** 2
-    cov = blur(x * y, window, pad=False) - mean_x * mean_y
+    taps = min(SSIM_TAPS, (min(x.shape[-2:]) - 1) // 2 * 2 + 1)  # smaller for images under 11 pixels
+    window = gaussian_kernel(SSIM_SIGMA, taps, x.device)
+    mean_x, mean_y = filter_valid(x, window), filter_valid(y, window)
+    var_x = filter_valid(x * x, window) - mean_x ** 2
+    var_y = filter_valid(y * y, window) - mean_y ** 2
+    cov = filter_valid(x * y, window) - mean_x * mean_y
     c1, c2 = (SSIM_K1 * 255) ** 2, (SSIM_K2 * 255) ** 2
     index = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / ((mean_x ** 2 + mean_y ** 2 + c1) * (var_x + var_y + c2))
     return index.mean().item()
@@ -314,7 +311,7 @@ def analyze(video: torch.Tensor, fps: float, image=None, device=None, details: b
         raise ValueError(f"video must be (frames >= 2, H, W, 3), got {tuple(video.shape)}")
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps!r}")
-    device = torch.device(device) if device is not None else video.device
+    device = check_device(device) if device is not None else video.device
     frames = video.to(device)
     flow, factor = optical_flow(frames)
     speed = magnitude(flow) * factor  # (F - 1, h, w) in the video's pixels per frame

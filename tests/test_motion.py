@@ -161,6 +161,9 @@ def test_bad_input_fails_in_one_line(tmp_path):
         motion.read_video(tmp_path / "bad.mp4")
     with pytest.raises(ValueError, match="frames >= 2"):
         motion.analyze(torch.zeros(1, 16, 16, 3), 8)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="^CUDA is not available here"):
+            motion.analyze(torch.zeros(2, 16, 16, 3), 8, device="cuda")
 
 
 SCHEMA = {"frames", "fps", "height", "width", "flow", "dynamic_degree", "spectrum", "residual"}
