@@ -2,19 +2,22 @@
 
 The authors' command line works unchanged:
     python cli.py --config wan_alg --image_path city.png --prompt "A car chase" --output_path city.mp4
-plus our own flags (--seed, --device, --model, --negative_prompt, --dtype) and subcommands:
-    python cli.py check MODEL            validate a checkpoint from its configs and headers, no tensor data read
-    python cli.py download REPO_ID       fetch a checkpoint from the hub into weights/
-    python cli.py bench [--compare-diffusers]   benchmarks (python -m minialg.bench --help)
-    python cli.py demo --output_path demo.mp4   a whole path (--family wan|cogvideox) on a tiny random checkpoint,
-                                                offline, on the CPU
+plus our own flags (--seed, --device, --model, --negative_prompt, --dtype, size and step overrides, ...) and the
+subcommands in SUBCOMMANDS (`python cli.py --help` lists them, `python cli.py SUB --help` explains each).
+
+The output's extension picks its format (.mp4, .mkv: H.264; .webm: VP9; .gif); any other is refused before
+any compute. Ctrl-C (SIGINT) or SIGTERM during a run prints one line ("interrupted after step i of n; nothing
+written"), removes every partial or temporary file and exits with status 130 (SIGINT) or 143 (SIGTERM), the
+shell's 128 + signal number.
 """
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,12 +27,44 @@ from minialg import checkpoint, media
 from minialg.config import load_config
 from minialg.pipeline import pipeline_class, settle
 
+SUBCOMMANDS = {  # name -> one line for the top-level help
+    "check": "validate a checkpoint from its configs and safetensors headers (no tensor data read)",
+    "download": "fetch a checkpoint from the Hugging Face hub into weights/",
+    "demo": "a whole run on a tiny random checkpoint, offline, on the CPU (the video is noise)",
+    "bench": "benchmarks: the denoiser at real size (CUDA), whole runs against diffusers (CPU)",
+    "motion": "measure a video's motion: optical flow, dynamic degree, motion and residual spectra, fidelity",
+    "compare": "one run with ALG and one without (same seed): videos, motion reports, report.html",
+}
+OVERRIDES = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")  # run flags over the config
+
+
+@dataclass
+class Status:
+    """What an interrupt message reports: the pipeline whose progress counts, the run it is in, files written."""
+    generating: bool = False  # a command that makes videos (its interrupt message names the step)
+    pipe: "minialg.Pipeline | None" = None
+    run: str = ""  # which of several runs (compare)
+    written: list = field(default_factory=list)
+
+
+status = Status()
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler, so SIGTERM unwinds (and cleans up) like Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def generate(args) -> None:
+def run_settings(args) -> tuple:
+    """The config with the command line's overrides, checked: (config, model folder, image, generation kwargs,
+    seed)."""
     config = load_config(args.config)
     model = args.model or config.model
     if not model:
@@ -39,23 +74,57 @@ def generate(args) -> None:
     generation.pop("seed", None)
     if args.negative_prompt is not None:
         generation["negative_prompt"] = args.negative_prompt
-    output = Path(args.output_path)
-    if not output.parent.is_dir():
-        raise ValueError(f"output folder does not exist: {output.parent}")
+    for name in OVERRIDES:
+        if getattr(args, name) is not None:
+            generation[name] = getattr(args, name)
+    if args.fps is not None:
+        config.fps = args.fps
     image = media.load_image(args.image_path)  # every input checked before the model is loaded
     folder = checkpoint.resolve(model)
-    settle(pipeline_class(folder).defaults_of(folder), alg=config.alg, **{k: v for k, v in generation.items() if k in (
-        "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "max_sequence_length",
-        "use_dynamic_cfg")})
+    settle(pipeline_class(folder).defaults_of(folder), alg=config.alg,
+           **{k: v for k, v in generation.items() if k in OVERRIDES + ("max_sequence_length", "use_dynamic_cfg")})
+    return config, folder, image, generation, seed
+
+
+def load_pipeline(args, folder, config) -> "minialg.Pipeline":
+    return minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
+                        offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks)
+
+
+def generate(args) -> None:
+    output = Path(args.output_path)
+    media.video_format(output)  # an extension we cannot write fails before any compute
+    if not output.parent.is_dir():
+        raise ValueError(f"output folder does not exist: {output.parent}")
+    config, folder, image, generation, seed = run_settings(args)
     start = time.perf_counter()
-    pipe = minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
-                        offload_encoders=args.offload_encoders, compile=args.compile,
-                        stream_blocks=args.stream_blocks)
+    pipe = status.pipe = load_pipeline(args, folder, config)
     frames = pipe(image, args.prompt, seed=seed, alg=config.alg, **generation)
     media.write_video(frames, output, fps=config.fps)
+    status.written.append(str(output))
     times = ", ".join(f"{k} {v:.1f}s" for k, v in pipe.timings.items())
     print(f"wrote {output}: {frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]} at {config.fps} fps, "
           f"in {time.perf_counter() - start:.1f}s ({times})")
+
+
+def compare(args) -> None:
+    from minialg.comparison import compare as run_compare, summary
+
+    config, folder, image, generation, seed = run_settings(args)
+    report = run_compare(image, args.prompt, args.output_dir, config=config, model=folder, seed=seed,
+                         generation=generation, load=lambda: load_pipeline(args, folder, config), status=status)
+    print(summary(report, args.output_dir))
+
+
+def motion(args) -> None:
+    import json
+
+    from minialg import motion as measure
+
+    video, fps = measure.read_video(args.video)
+    image = media.load_image(args.image) if args.image else None
+    report = measure.analyze(video, fps, image=image, device=args.device)
+    print(json.dumps(report) if args.json else measure.table(report))
 
 
 def check(args) -> None:
@@ -74,17 +143,94 @@ def download(args) -> None:
 def demo(args) -> None:
     from minialg.demo import demo_image, write_tiny
 
+    media.video_format(args.output_path)
     print(f"demo: a tiny {args.family} checkpoint with RANDOM weights, written and run offline on the CPU; "
           "the video is noise, the path through the code is the real one")
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tiny(Path(tmp) / "tiny", args.family)
-        pipe = minialg.load(folder, device="cpu", dtype=torch.float32)
+        pipe = status.pipe = minialg.load(folder, device="cpu", dtype=torch.float32)
         start = time.perf_counter()
         frames = pipe(demo_image(), "a red ball bouncing", num_frames=17, height=64, width=96,
                       num_inference_steps=args.steps, seed=args.seed, alg=load_config(f"{args.family}_alg").alg)
         media.write_video(frames, Path(args.output_path), fps=16)
+        status.written.append(args.output_path)
     print(f"wrote {args.output_path}: {frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
           f"{args.steps} steps with ALG in {time.perf_counter() - start:.1f}s")
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of a run: the authors' (--config, --image_path, --prompt) and ours."""
+    parser.add_argument("--config", required=True, help="YAML run config, or a preset name (wan_alg, ...)")
+    parser.add_argument("--image_path", required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative_prompt", default=None)
+    parser.add_argument("--seed", type=int, default=None, help="default: the config's, else 42 (as the authors)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub repo id (overrides model.path)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    for name, kind in zip(OVERRIDES, (int, int, int, int, float)):
+        parser.add_argument(f"--{name}", type=kind, default=None, help=f"overrides the config's generation.{name}")
+    parser.add_argument("--fps", type=float, default=None, help="overrides the config's video.fps")
+    parser.add_argument("--offload_encoders", action="store_true",
+                        help="keep the text/image encoders on the CPU between uses")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--stream_blocks", action="store_true",
+                        help="keep transformer blocks in CPU memory, stream them to the GPU one at a time")
+    parser.add_argument("--model_cache_dir", default=None, help=argparse.SUPPRESS)  # the authors' flag
+
+
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"cli.py {name}", description=SUBCOMMANDS[name])
+    if name in ("check", "download"):
+        parser.add_argument("model", help="checkpoint folder or hub repo id")
+    if name == "download":
+        parser.add_argument("--dest", help="target folder (default: weights/NAME)")
+    if name == "demo":
+        parser.add_argument("--output_path", default="demo.mp4", help="video file: .mp4, .mkv, .webm or .gif")
+        parser.add_argument("--steps", type=int, default=8)
+        parser.add_argument("--family", default="wan", choices=["wan", "cogvideox"])
+        parser.add_argument("--seed", type=int, default=42)
+    if name == "motion":
+        parser.add_argument("video", help="a video file PyAV reads (mp4, webm, mkv, gif, ...)")
+        parser.add_argument("--image", default=None, help="the input image: adds PSNR and SSIM of frame 0 to it")
+        parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+        parser.add_argument("--device", default="cpu", help="where to compute (cpu, cuda, ...)")
+    if name == "compare":
+        add_run_flags(parser)
+        parser.add_argument("--output_dir", required=True, help="folder for the videos, report.json, report.html")
+    return parser
+
+
+def top_parser() -> argparse.ArgumentParser:
+    """The run without a subcommand (the authors' command line); its help lists every subcommand."""
+    width = max(map(len, SUBCOMMANDS))
+    epilog = "subcommands (python cli.py SUB --help for each):\n" + "\n".join(
+        f"  {name:{width}s}  {line}" for name, line in SUBCOMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="cli.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog,
+        usage="%(prog)s --config C --image_path I --prompt P --output_path O [options]\n"
+              f"       %(prog)s {{{','.join(SUBCOMMANDS)}}} ...",
+        description="Image to video with Adaptive Low-pass Guidance.")
+    add_run_flags(parser)
+    parser.add_argument("--output_path", required=True, help="video file: .mp4, .mkv (H.264), .webm (VP9), .gif")
+    return parser
+
+
+def interrupted(how: str, code: int) -> int:
+    """One line for an interrupted command; partial files were removed on the way out."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # clear a live progress bar first
+        bar.close()
+    where = ""
+    if status.pipe is not None:
+        done, steps = status.pipe.progress
+        where = f" after step {done} of {steps}" + (f" of the {status.run} run" if status.run else "")
+    elif status.generating:
+        where = " before the first step"
+    kept = f"; wrote {', '.join(status.written)} before that" if status.written else "; nothing written"
+    print(f"{how}{where}{kept}", file=sys.stderr)
+    return code
 
 
 def main(argv=None) -> int:
@@ -93,45 +239,33 @@ def main(argv=None) -> int:
         from minialg.bench import main as bench
 
         return bench(argv[1:]) or 0
-    commands = {"check": check, "download": download, "demo": demo}
-    if argv and argv[0] in commands:
-        parser = argparse.ArgumentParser(prog=f"cli.py {argv[0]}")
-        if argv[0] in ("check", "download"):
-            parser.add_argument("model", help="checkpoint folder or hub repo id")
-        if argv[0] == "download":
-            parser.add_argument("--dest", help="target folder (default: weights/NAME)")
-        if argv[0] == "demo":
-            parser.add_argument("--output_path", default="demo.mp4")
-            parser.add_argument("--steps", type=int, default=8)
-            parser.add_argument("--family", default="wan", choices=["wan", "cogvideox"])
-            parser.add_argument("--seed", type=int, default=42)
-        command, args = commands[argv[0]], parser.parse_args(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        command, args = globals()[argv[0]], subcommand_parser(argv[0]).parse_args(argv[1:])
     else:
-        parser = argparse.ArgumentParser(prog="cli.py", description="Image to video with Adaptive Low-pass Guidance. "
-                                         "Subcommands: check MODEL, download REPO_ID, demo.")
-        parser.add_argument("--config", required=True, help="YAML run config, or a preset name (wan_alg, ...)")
-        parser.add_argument("--image_path", required=True)
-        parser.add_argument("--prompt", required=True)
-        parser.add_argument("--output_path", required=True)
-        parser.add_argument("--negative_prompt", default=None)
-        parser.add_argument("--seed", type=int, default=None, help="default: the config's, else 42 (as the authors)")
-        parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-        parser.add_argument("--model", default=None, help="checkpoint folder or hub repo id (overrides model.path)")
-        parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-        parser.add_argument("--offload_encoders", action="store_true",
-                            help="keep the text/image encoders on the CPU between uses")
-        parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-        parser.add_argument("--stream_blocks", action="store_true",
-                            help="keep transformer blocks in CPU memory, stream them to the GPU one at a time")
-        parser.add_argument("--model_cache_dir", default=None, help=argparse.SUPPRESS)  # the authors' flag
-        command, args = generate, parser.parse_args(argv)
+        command, args = generate, top_parser().parse_args(argv)
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
+    global status
+    status = Status(generating=command in (generate, demo, compare))
+    handler = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         command(args)
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return interrupted("interrupted", 128 + signal.SIGINT)
+    except Terminated:
+        return interrupted("terminated", 128 + signal.SIGTERM)
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
     return 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

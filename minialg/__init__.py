@@ -8,5 +8,6 @@
 from .alg import ALGConfig
 from .checkpoint import CheckpointError
 from .pipeline import Pipeline, check, load
+from .comparison import compare  # noqa: E402  (baseline vs ALG; minialg.motion measures a video)
 
-__all__ = ["ALGConfig", "CheckpointError", "Pipeline", "check", "load"]
+__all__ = ["ALGConfig", "CheckpointError", "Pipeline", "check", "compare", "load"]

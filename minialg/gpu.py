@@ -23,6 +23,44 @@ import torch
 import torch.nn as nn
 
 
+BACKENDS = {"cuda": "CUDA", "mps": "Apple MPS", "xpu": "Intel XPU"}  # device type -> its name in messages
+
+
+def available_devices() -> list[str]:
+    """The devices this torch build can run on here: cpu, then each CUDA / MPS / XPU device that answers."""
+    names = ["cpu"]
+    for kind in BACKENDS:
+        backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            count = torch.cuda.device_count() if kind == "cuda" else getattr(backend, "device_count", lambda: 1)()
+            names += [kind] if count == 1 else [f"{kind}:{i}" for i in range(count)]
+    return names
+
+
+def check_device(device: "str | torch.device") -> torch.device:
+    """`device` as a torch.device, or a one-line ValueError saying why it cannot be used here and which devices
+    can (instead of a deep error from the first tensor that lands on it)."""
+    available = available_devices()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; available devices here: {', '.join(available)}") from None
+    if device.type == "cpu":
+        return device
+    if device.type not in BACKENDS:
+        raise ValueError(f"minialg does not run on {device.type!r} devices; available devices here: "
+                         f"{', '.join(available)}")
+    present = [name for name in available if name.split(":")[0] == device.type]
+    if not present:
+        build = " (this torch is a CPU-only build)" if device.type == "cuda" and not (
+            torch.version.cuda or torch.version.hip) else ""
+        raise ValueError(f"{BACKENDS[device.type]} is not available here{build}; available devices: "
+                         f"{', '.join(available)}")
+    if device.index is not None and device.index >= len(present):
+        raise ValueError(f"there is no {device} here; available devices: {', '.join(available)}")
+    return device
+
+
 def blocks_of(model: nn.Module) -> nn.ModuleList:
     """The repeated blocks of a transformer: Wan's `blocks`, CogVideoX's `transformer_blocks` (checkpoint names)."""
     return model.blocks if hasattr(model, "blocks") else model.transformer_blocks

@@ -1,4 +1,5 @@
-"""Image in, video out: decode an image (PyAV), resize it exactly as Pillow does, write an H.264 mp4."""
+"""Image in, video out: decode an image (PyAV), resize it exactly as Pillow does, write a video (H.264 mp4 or
+mkv, VP9 webm, or GIF, by the extension)."""
 
 import math
 import os
@@ -203,29 +204,53 @@ def to_model_input(image: torch.Tensor) -> torch.Tensor:
     return (2.0 * x - 1.0).unsqueeze(0)
 
 
+# extension -> (container format, encoder, pixel format, encoder options); crf is filled in for H.264
+VIDEO_FORMATS = {
+    ".mp4": ("mp4", "libx264", "yuv420p", {}),
+    ".mkv": ("matroska", "libx264", "yuv420p", {}),
+    ".webm": ("webm", "libvpx-vp9", "yuv420p", {"crf": "24", "b": "0", "deadline": "good", "cpu-used": "4",
+                                                 "row-mt": "1"}),  # constant quality, about as sharp as crf 18
+    ".gif": ("gif", "gif", "pal8", {}),  # one 256-colour palette for the whole clip (median cut)
+}
+
+
+def video_format(path: "str | os.PathLike") -> tuple[str, str, str, dict]:
+    """The container and codec that `path`'s extension asks for; a one-line ValueError for any other."""
+    extension = Path(path).suffix.lower()
+    if extension not in VIDEO_FORMATS:
+        raise ValueError(f"cannot write {Path(path).name}: the extension {extension or '(none)'!r} is not a video "
+                         f"format minialg writes; use one of {', '.join(VIDEO_FORMATS)}")
+    return VIDEO_FORMATS[extension]
+
+
 def write_video(frames: torch.Tensor, path: "str | os.PathLike", fps: float, crf: int = 18) -> None:
-    """(F, H, W, 3) float32 in [0, 1] -> H.264 (libx264, yuv420p) mp4 at path, written atomically: into a
-    temporary file beside it, renamed at the end; on any error the temporary file is removed.
+    """(F, H, W, 3) float32 in [0, 1] -> a video at path in the format its extension names (VIDEO_FORMATS):
+    .mp4 / .mkv H.264 (libx264, yuv420p, `crf`), .webm VP9, .gif with one 256-colour palette. Written
+    atomically: into a temporary file beside it, renamed at the end; on any error (or an interrupt) the
+    temporary file is removed.
 
     Frames become uint8 as diffusers' export_to_video does it (x * 255, truncated). yuv420p needs even sizes:
-    an odd height or width gets its last row or column repeated once."""
+    an odd height or width gets its last row or column repeated once (GIF keeps the size)."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (F, H, W, 3), got {tuple(frames.shape)}")
     path = Path(path)
+    container_format, codec, pix_fmt, options = video_format(path)
     pixels = (frames.detach().float().cpu().clamp(0, 1) * 255).to(torch.uint8)  # (F, H, W, 3)
-    if pixels.shape[1] % 2:
-        pixels = torch.cat([pixels, pixels[:, -1:]], dim=1)
-    if pixels.shape[2] % 2:
-        pixels = torch.cat([pixels, pixels[:, :, -1:]], dim=2)
+    if pix_fmt == "yuv420p":
+        if pixels.shape[1] % 2:
+            pixels = torch.cat([pixels, pixels[:, -1:]], dim=1)
+        if pixels.shape[2] % 2:
+            pixels = torch.cat([pixels, pixels[:, :, -1:]], dim=2)
+    if codec == "libx264":
+        options = dict(options, crf=str(crf))
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        with av.open(str(tmp), mode="w", format=container_format) as container:
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.height, stream.width = pixels.shape[1], pixels.shape[2]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for index, rgb in enumerate(pixels.contiguous().numpy()):
-                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            stream.pix_fmt = pix_fmt
+            stream.options = options
+            for index, frame in enumerate(_frames(pixels, pix_fmt)):
                 frame.pts = index
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))  # flush the encoder
@@ -233,3 +258,54 @@ def write_video(frames: torch.Tensor, path: "str | os.PathLike", fps: float, crf
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _frames(pixels: torch.Tensor, pix_fmt: str):
+    """(F, H, W, 3) uint8 -> PyAV frames: RGB, or palette indices with the clip's palette for pal8.
+
+    The palette is found on a histogram of the clip's colours in cells of 6 bits per channel (at most 64^3),
+    each cell standing for its pixels' mean colour; each pixel takes the palette colour nearest that mean."""
+    if pix_fmt != "pal8":
+        for rgb in pixels.contiguous().numpy():
+            yield av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        return
+    keys = ((pixels >> 2).int() * torch.tensor([4096, 64, 1], dtype=torch.int32)).sum(-1, dtype=torch.int32)
+    counts = torch.bincount(keys.flatten(), minlength=1 << 18)  # (64^3,): a histogram of 6-bit RGB cells
+    present = counts.nonzero()[:, 0]  # (M,)
+    flat = keys.flatten()
+    sums = torch.stack([torch.bincount(flat, pixels[..., c].flatten().double(), 1 << 18)[present]
+                        for c in range(3)], dim=1)
+    centres = (sums / counts[present, None]).float()  # (M, 3): the mean colour in each cell
+    palette = _median_cut(centres, counts[present].float())  # (n <= 256, 3)
+    lut = torch.zeros(1 << 18, dtype=torch.uint8)
+    distance = -2 * centres @ palette.T + (palette * palette).sum(1)  # (M, n): |c - p|^2 - |c|^2
+    lut[present] = distance.argmin(dim=1).to(torch.uint8)
+    argb = np.zeros((256, 4), np.uint8)  # PyAV's pal8 palette: one (A, R, G, B) row per index
+    argb[: len(palette), 0] = 255
+    argb[: len(palette), 1:] = palette.round().clamp(0, 255).to(torch.uint8).numpy()
+    for key in keys:
+        yield av.VideoFrame.from_ndarray((lut[key].numpy(), argb), format="pal8")
+
+
+def _median_cut(colors: torch.Tensor, weights: torch.Tensor, size: int = 256) -> torch.Tensor:
+    """Heckbert's median cut on weighted colours (M, 3): split the box with the largest weighted squared spread
+    along its widest channel at that channel's weighted median, until there are `size` boxes (or every box
+    holds one colour). Returns each box's weighted mean colour: (n <= size, 3) float."""
+
+    def box(c, w):  # (colours, weights, score, widest channel)
+        mean = (w[:, None] * c).sum(0) / w.sum()
+        spread = (w[:, None] * (c - mean) ** 2).sum(0)
+        return c, w, spread.max().item(), int(spread.argmax())
+
+    boxes = [box(colors, weights)]
+    while len(boxes) < size:
+        k = max(range(len(boxes)), key=lambda j: boxes[j][2])
+        c, w, score, channel = boxes[k]
+        if score <= 0:
+            break
+        order = c[:, channel].argsort()
+        c, w = c[order], w[order]
+        cumulative = w.cumsum(0)
+        cut = int(torch.searchsorted(cumulative, cumulative[-1] / 2).clamp(0, len(c) - 2)) + 1
+        boxes[k: k + 1] = [box(c[:cut], w[:cut]), box(c[cut:], w[cut:])]
+    return torch.stack([(w[:, None] * c).sum(0) / w.sum() for c, w, _, _ in boxes])

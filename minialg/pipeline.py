@@ -74,6 +74,7 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool =
     blocks in CPU memory and streams them to `device` one at a time (minialg.gpu), for small GPUs. Where a
     checkpoint has two denoisers (Wan 2.2 A14B), the one not in use waits in CPU memory.
     """
+    device = gpu.check_device(device)  # fail in one line when the device is not usable here
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
@@ -139,11 +140,11 @@ class Pipeline:
                      max_sequence_length=max_sequence_length, use_dynamic_cfg=use_dynamic_cfg)
         run.update(self.settle_options(run, **family_options))
         alg, steps = run["alg"], num_inference_steps
+        self.progress = (0, steps)  # (solver steps done, steps): read by the CLI when a run is interrupted
         cfg, use_alg = run["guidance_scale"] > 1.0, alg.enabled
         dynamic_cfg = use_dynamic_cfg and not use_alg  # the reference ignores it while ALG is on
         pixels = media.load_image(image)  # fail on a bad image before any compute
         self.timings.clear()
-        self.progress = (0, steps)
         generator = torch.Generator(self.device).manual_seed(seed)
 
         with self._timer("text"):

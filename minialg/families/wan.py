@@ -18,6 +18,7 @@ from .. import checkpoint, media
 from ..models.clip import CLIPVision, CLIPVisionConfig, preprocess as clip_preprocess
 from ..models.t5 import T5Config, T5Encoder, clean_prompt
 from ..models.wan import WanTransformer, WanTransformerConfig
+from ..models.wan22_vae import Wan22VAE
 from ..models.wan_vae import WanVAE, WanVAEConfig, sample_posterior
 from ..pipeline import Pipeline
 
@@ -45,8 +46,6 @@ class Wan(Pipeline):
     def components_of(cls, folder: Path) -> dict:
         index = checkpoint.read_json(folder / "model_index.json")
         residual = checkpoint.read_json(folder / "vae" / "config.json").get("is_residual", False)
-        if residual:
-            from ..models.wan22_vae import Wan22VAE  # TODO(lead): top-level import once merged
         parts = {"transformer": (WanTransformer, WanTransformerConfig),
                  "vae": (Wan22VAE if residual else WanVAE, WanVAEConfig), "text_encoder": (T5Encoder, T5Config)}
         if index.get("boundary_ratio") is not None:
