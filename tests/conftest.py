@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from minialg.demo import tiny_configs, train_tokenizer
+from minialg.demo import FAMILIES, tiny_configs, train_tokenizer
 
 REAL_CONFIGS = Path(__file__).resolve().parent.parent / "minialg" / "real_configs"
 
@@ -17,42 +17,60 @@ def _strip(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
 
 
-@pytest.fixture(scope="session")
-def tiny_wan(tmp_path_factory) -> Path:
-    """A tiny WanImageToVideoPipeline saved by diffusers (save_pretrained): the oracle's own layout."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+def save_tiny_wan(folder: Path, family: str = "wan") -> Path:
+    """A tiny Wan checkpoint saved by diffusers (save_pretrained): the oracle's own layout. "wan": a Wan 2.1
+    WanImageToVideoPipeline; "wan22": Wan 2.2 A14B (two experts, boundary_ratio 0.9, no CLIP); "wan22_ti2v": Wan
+    2.2 TI2V-5B, published as a WanPipeline with expand_timesteps (48-channel residual VAE)."""
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
+                           WanTransformer3DModel)
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection, T5Tokenizer,
                               UMT5Config, UMT5EncoderModel)
 
-    folder = tmp_path_factory.mktemp("tiny-wan")
-    (folder / "spm").mkdir()
+    real = REAL_CONFIGS / FAMILIES[family]
+    (folder / "spm").mkdir(parents=True)
     spiece = folder / "spm" / "spiece.model"
     vocab_size = train_tokenizer(spiece)
     tokenizer = T5Tokenizer.from_pretrained(folder / "spm", extra_ids=0)
-    configs = tiny_configs(vocab_size)
+    configs = tiny_configs(vocab_size, family=family)
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(**_strip(configs["transformer"]))
-    vae = AutoencoderKLWan(**_strip(configs["vae"]))
-    text_encoder = UMT5EncoderModel(UMT5Config(**_strip(configs["text_encoder"])))
-    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**_strip(configs["image_encoder"])))
-    for model in (transformer, vae, text_encoder, image_encoder):  # default inits leave some weights at zero
+    models = dict(transformer=WanTransformer3DModel(**_strip(configs["transformer"])),
+                  vae=AutoencoderKLWan(**_strip(configs["vae"])),
+                  text_encoder=UMT5EncoderModel(UMT5Config(**_strip(configs["text_encoder"]))))
+    if family == "wan":
+        models["image_encoder"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**_strip(configs["image_encoder"])))
+    if family == "wan22":
+        models["transformer_2"] = WanTransformer3DModel(**_strip(configs["transformer_2"]))
+    for model in models.values():  # default inits leave some weights at zero
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
     with torch.no_grad():
-        transformer.patch_embedding.weight.mul_(4)  # a denoiser that reacts visibly to its image condition
-    processor = json.loads((REAL_CONFIGS / "Wan2.1-I2V-14B-480P-Diffusers/image_processor/preprocessor_config.json")
-                           .read_text())
-    processor.update(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor.pop("image_processor_type")
-    scheduler = UniPCMultistepScheduler.from_config(
-        json.loads((REAL_CONFIGS / "Wan2.1-I2V-14B-480P-Diffusers/scheduler/scheduler_config.json").read_text()))
-    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, image_encoder=image_encoder,
-                                   image_processor=CLIPImageProcessor(**processor), transformer=transformer,
-                                   vae=vae, scheduler=scheduler)
+        for name in ("transformer", "transformer_2"):  # denoisers that react visibly to their image condition
+            if name in models:
+                models[name].patch_embedding.weight.mul_(4)
+        if family == "wan22_ti2v":  # the image is frame 0 only: stronger attention carries it to the other frames
+            for name, p in models["transformer"].named_parameters():
+                if ".to_out." in name and name.endswith("weight"):
+                    p.mul_(16)
+    scheduler = UniPCMultistepScheduler.from_config(json.loads((real / "scheduler/scheduler_config.json").read_text()))
+    if family == "wan":
+        processor = json.loads((real / "image_processor/preprocessor_config.json").read_text())
+        processor.update(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        processor.pop("image_processor_type")
+        pipe = WanImageToVideoPipeline(tokenizer=tokenizer, image_processor=CLIPImageProcessor(**processor),
+                                       scheduler=scheduler, **models)
+    elif family == "wan22":
+        pipe = WanImageToVideoPipeline(tokenizer=tokenizer, scheduler=scheduler, boundary_ratio=0.9, **models)
+    else:
+        pipe = WanPipeline(tokenizer=tokenizer, scheduler=scheduler, expand_timesteps=True, **models)
     pipe.save_pretrained(folder / "ckpt")
     shutil.copy(spiece, folder / "ckpt" / "tokenizer" / "spiece.model")  # transformers 5 saves tokenizer.json only
     return folder / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory) -> Path:
+    return save_tiny_wan(tmp_path_factory.mktemp("tiny-wan"))
 
 
 @pytest.fixture(scope="session")

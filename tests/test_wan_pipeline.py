@@ -1,8 +1,7 @@
 """End to end: minialg's frames against diffusers' WanImageToVideoPipeline on a tiny checkpoint it saved.
 
-Without ALG the oracle is the diffusers pipeline itself. With ALG the oracle is built from ALG.md with the
-diffusers pipeline's own pieces (prompt/image encoding, latents and condition, scheduler, transformer, VAE)
-and an independent low-pass filter written here, plus the three-pass guidance combination.
+Without ALG the oracle is the diffusers pipeline itself. With ALG the oracle is tests/wan_reference.py: ALG.md
+on the diffusers pipeline's own pieces, with an independent low-pass filter and the three-pass combination.
 """
 
 import numpy as np
@@ -10,7 +9,8 @@ import pytest
 import torch
 
 import minialg
-from alg_reference import ALG_DEFAULTS, ref_low_pass, ref_strength
+from alg_reference import ALG_DEFAULTS
+from wan_reference import pil, reference_wan_alg
 
 SIZE = dict(height=32, width=48, num_frames=9)
 PROMPT = "a red ball bouncing on a wooden floor"
@@ -27,48 +27,6 @@ def reference(tiny_wan):
 @pytest.fixture(scope="module")
 def ours(tiny_wan):
     return minialg.load(tiny_wan, device="cpu", dtype=torch.float32)
-
-
-def pil(image):
-    from PIL import Image
-
-    return Image.fromarray(image)
-
-
-@torch.no_grad()
-def reference_alg(pipe, image, alg, *, guidance_scale, steps, seed=42):
-    """ALG.md sections 1-5 for Wan, with the diffusers pipeline's pieces."""
-    h, w, f = SIZE["height"], SIZE["width"], SIZE["num_frames"]
-    generator = torch.Generator("cpu").manual_seed(seed)
-    prompt_embeds, negative_embeds = pipe.encode_prompt(PROMPT, "", True, max_sequence_length=512, device="cpu")
-    image_embeds = pipe.encode_image(pil(image), "cpu")
-    frame = pipe.video_processor.preprocess(pil(image), height=h, width=w).float()
-    latents, condition = pipe.prepare_latents(frame, 1, 16, h, w, f, torch.float32, "cpu", generator)
-    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    inv_std = 1.0 / torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
-    pipe.scheduler.set_timesteps(steps)
-
-    def denoise(cond, text, t):
-        return pipe.transformer(torch.cat([latents, cond], 1), t.expand(1), text, image_embeds, return_dict=False)[0]
-
-    for i, t in enumerate(pipe.scheduler.timesteps):
-        s = ref_strength(alg, i, steps)
-        if s != 0:
-            if alg["lp_filter_in_latent"]:
-                c_lp = ref_low_pass(condition, alg, s)
-            else:
-                lp = ref_low_pass(frame, alg, s)[:, :, None]
-                video = torch.cat([lp, lp.new_zeros(1, 3, f - 1, h, w)], dim=2)
-                z = pipe.vae.encode(video).latent_dist.sample(generator)
-                c_lp = torch.cat([condition[:, :4], (z - mean) * inv_std], dim=1)
-            uncond = denoise(condition, negative_embeds, t)
-            v = uncond + guidance_scale * (denoise(c_lp, prompt_embeds, t) - denoise(c_lp, negative_embeds, t))
-        else:
-            uncond = denoise(condition, negative_embeds, t)
-            v = uncond + guidance_scale * (denoise(condition, prompt_embeds, t) - uncond)
-        latents = pipe.scheduler.step(v, t, latents, return_dict=False)[0]
-    video = pipe.vae.decode(latents / inv_std + mean, return_dict=False)[0]
-    return pipe.video_processor.postprocess_video(video, output_type="np")[0]
 
 
 ALG_BASE = ALG_DEFAULTS
@@ -101,7 +59,7 @@ def test_frames_match_diffusers(reference, ours, test_image, guidance_scale):
 @pytest.mark.parametrize("case", ALG_CASES)
 def test_alg_frames_match_the_alg_reference(reference, ours, test_image, case):
     alg = dict(ALG_BASE, **ALG_CASES[case])
-    expected = reference_alg(reference, test_image, alg, guidance_scale=5.0, steps=5)
+    expected = reference_wan_alg(reference, test_image, PROMPT, alg, guidance_scale=5.0, steps=5, **SIZE)
     frames = ours(test_image, PROMPT, guidance_scale=5.0, num_inference_steps=5, seed=42, alg=alg, progress=False,
                   **SIZE)
     gap = np.abs(frames.numpy() - expected).max()
