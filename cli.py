@@ -25,6 +25,7 @@ import torch
 import minialg
 from minialg import checkpoint, media
 from minialg.config import load_config
+from minialg.demo import FAMILIES
 from minialg.pipeline import pipeline_class, settle
 
 SUBCOMMANDS = {  # name -> one line for the top-level help
@@ -35,6 +36,7 @@ SUBCOMMANDS = {  # name -> one line for the top-level help
     "motion": "measure a video's motion: optical flow, dynamic degree, motion and residual spectra, fidelity",
     "compare": "one run with ALG and one without (same seed): videos, motion reports, report.html",
 }
+FAMILY_OPTIONS = ("guidance_scale_2",)  # generation keys only some families take (checked before the model loads)
 OVERRIDES = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")  # run flags over the config
 
 
@@ -81,8 +83,9 @@ def run_settings(args) -> tuple:
         config.fps = args.fps
     image = media.load_image(args.image_path)  # every input checked before the model is loaded
     folder = checkpoint.resolve(model)
-    settle(pipeline_class(folder).defaults_of(folder), alg=config.alg,
-           **{k: v for k, v in generation.items() if k in OVERRIDES + ("max_sequence_length", "use_dynamic_cfg")})
+    family, common = pipeline_class(folder), OVERRIDES + ("max_sequence_length", "use_dynamic_cfg")
+    run = settle(family.defaults_of(folder), alg=config.alg, **{k: v for k, v in generation.items() if k in common})
+    family.settle_options(folder, run, **{k: v for k, v in generation.items() if k in FAMILY_OPTIONS})
     return config, folder, image, generation, seed
 
 
@@ -188,7 +191,7 @@ def subcommand_parser(name: str) -> argparse.ArgumentParser:
     if name == "demo":
         parser.add_argument("--output_path", default="demo.mp4", help="video file: .mp4, .mkv, .webm or .gif")
         parser.add_argument("--steps", type=int, default=8)
-        parser.add_argument("--family", default="wan", choices=["wan", "cogvideox"])
+        parser.add_argument("--family", default="wan", choices=list(FAMILIES))
         parser.add_argument("--seed", type=int, default=42)
     if name == "motion":
         parser.add_argument("video", help="a video file PyAV reads (mp4, webm, mkv, gif, ...)")

@@ -20,7 +20,7 @@ PRESETS = Path(__file__).parent / "configs"
 DTYPES = ("float32", "bfloat16", "float16")
 # generation key -> accepted Python types (None is accepted everywhere: it means "the model's default")
 GENERATION = {"height": int, "width": int, "num_frames": int, "num_inference_steps": int,
-              "guidance_scale": (int, float), "negative_prompt": str, "max_sequence_length": int,
+              "guidance_scale": (int, float), "guidance_scale_2": (int, float), "negative_prompt": str, "max_sequence_length": int,
               "use_dynamic_cfg": bool, "flow_shift": (int, float), "solver": str, "seed": int}
 SECTIONS = {"model": ("path", "dtype"), "generation": tuple(GENERATION), "alg": None, "video": ("fps",)}
 

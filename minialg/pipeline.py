@@ -138,7 +138,7 @@ class Pipeline:
         run = settle(self.defaults, height=height, width=width, num_frames=num_frames, alg=alg,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      max_sequence_length=max_sequence_length, use_dynamic_cfg=use_dynamic_cfg)
-        run.update(self.settle_options(run, **family_options))
+        run.update(self.settle_options(self.folder, run, **family_options))
         alg, steps = run["alg"], num_inference_steps
         self.progress = (0, steps)  # (solver steps done, steps): read by the CLI when a run is interrupted
         cfg, use_alg = run["guidance_scale"] > 1.0, alg.enabled
@@ -184,8 +184,9 @@ class Pipeline:
             video = self.decode(x, condition)  # (3, F, H, W) in [-1, 1]
         return (video / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu()
 
-    def settle_options(self, run: dict, **options) -> dict:
-        """Check and fill the family's own keywords; a family without any refuses them all."""
+    @classmethod
+    def settle_options(cls, folder: Path, run: dict, **options) -> dict:
+        """Check and fill the family's own keywords (before any compute); a family without any refuses them all."""
         if options:
             raise TypeError(f"unexpected keyword argument '{next(iter(options))}' for this checkpoint")
         return {}

@@ -80,10 +80,11 @@ class Wan(Pipeline):
         return dict(height=480, width=832, num_frames=81, guidance_scale=5.0, max_sequence_length=512,
                     frames_4k1=True, dynamic_cfg=False, size_multiple=vae.get("scale_factor_spatial", 8) * patch[1])
 
-    def settle_options(self, run: dict, guidance_scale_2: float | None = None, **options) -> dict:
+    @classmethod
+    def settle_options(cls, folder: Path, run: dict, guidance_scale_2: float | None = None, **options) -> dict:
         """`guidance_scale_2`: the low-noise expert's scale (Wan 2.2 A14B); default: `guidance_scale`."""
-        super().settle_options(run, **options)
-        if guidance_scale_2 is not None and self.transformer_2 is None:
+        super().settle_options(folder, run, **options)
+        if guidance_scale_2 is not None and "transformer_2" not in cls.components_of(folder):
             raise ValueError("guidance_scale_2 is for checkpoints with two experts (Wan 2.2 A14B); this one has one")
         if guidance_scale_2 is not None and (isinstance(guidance_scale_2, bool) or
                                              not isinstance(guidance_scale_2, (int, float)) or guidance_scale_2 < 0):
