@@ -22,6 +22,8 @@ from minialg.demo import train_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 WAN = ROOT / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers"
 COGVIDEOX = ROOT / "minialg" / "real_configs" / "CogVideoX-5b-I2V"
+WAN22 = ROOT / "minialg" / "real_configs" / "Wan2.2-I2V-A14B-Diffusers"
+TI2V = ROOT / "minialg" / "real_configs" / "Wan2.2-TI2V-5B-Diffusers"
 DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2)}
 
 
@@ -63,6 +65,7 @@ def reference_tensors(component: str, real: Path = WAN) -> dict:
     config = json.loads((real / component / "config.json").read_text())
     kwargs = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
     builders = {"transformer": lambda: WanTransformer3DModel(**kwargs),
+                "transformer_2": lambda: WanTransformer3DModel(**kwargs),
                 "vae": lambda: AutoencoderKLWan(**kwargs),
                 "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**kwargs)),
                 "image_encoder": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**kwargs))}
@@ -72,7 +75,7 @@ def reference_tensors(component: str, real: Path = WAN) -> dict:
                         text_encoder=lambda: T5EncoderModel(T5Config(**kwargs)))
     with torch.device("meta"):
         model = builders[component]()
-    fp32 = component in ("vae", "image_encoder") and real == WAN
+    fp32 = component in ("vae", "image_encoder") and real != COGVIDEOX
     tensors = {name: (tuple(t.shape), torch.float32 if fp32 else torch.bfloat16)
                for name, t in model.state_dict().items()}
     tensors.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight: saved once
@@ -104,6 +107,45 @@ def real_cogvideox(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("real") / "CogVideoX-5b-I2V", COGVIDEOX, [
         ("transformer", "diffusion_pytorch_model", 3), ("vae", "diffusion_pytorch_model", 1),
         ("text_encoder", "model", 2)])
+
+
+@pytest.fixture(scope="module")
+def real_wan22(tmp_path_factory) -> dict[str, Path]:
+    """Wan 2.2 I2V-A14B (two experts, 6 shards each) and TI2V-5B (3 shards), as published."""
+    root = tmp_path_factory.mktemp("real")
+    return {"a14b": write_checkpoint(root / "Wan2.2-I2V-A14B-Diffusers", WAN22, [
+                ("transformer", "diffusion_pytorch_model", 6), ("transformer_2", "diffusion_pytorch_model", 6),
+                ("vae", "diffusion_pytorch_model", 1), ("text_encoder", "model", 5)]),
+            "ti2v": write_checkpoint(root / "Wan2.2-TI2V-5B-Diffusers", TI2V, [
+                ("transformer", "diffusion_pytorch_model", 3), ("vae", "diffusion_pytorch_model", 1),
+                ("text_encoder", "model", 5)])}
+
+
+def test_check_accepts_the_real_wan22_layouts(real_wan22):
+    a14b = {row["component"]: row for row in minialg.check(real_wan22["a14b"])}
+    assert set(a14b) == {"transformer", "transformer_2", "vae", "text_encoder"}
+    for expert in ("transformer", "transformer_2"):  # each the Wan 2.1 14B shape without the image branch
+        assert 14.2e9 < a14b[expert]["parameters"] < 14.4e9 and a14b[expert]["files"] == 6
+    ti2v = {row["component"]: row for row in minialg.check(real_wan22["ti2v"])}
+    assert set(ti2v) == {"transformer", "vae", "text_encoder"} and ti2v["vae"]["class"] == "Wan22VAE"
+    assert 4.9e9 < ti2v["transformer"]["parameters"] < 5.1e9
+    assert 0.70e9 < ti2v["vae"]["parameters"] < 0.71e9
+
+
+@pytest.mark.parametrize("expert", ["transformer", "transformer_2"])
+def test_check_names_a_broken_tensor_of_either_expert(real_wan22, tmp_path, expert):
+    broken = tmp_path / "broken"
+    shutil.copytree(real_wan22["a14b"], broken, copy_function=os.link)  # hard links: the sparse files stay unread
+    index = json.loads((broken / expert / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    name = "blocks.31.ffn.net.0.proj.weight"
+    file = index["weight_map"][name]
+    tensors = reference_tensors(expert, WAN22)
+    part = {n: tensors[n] for n, f in index["weight_map"].items() if f == file and n != name}  # the tensor is gone
+    write_sparse(broken / expert / file, part)
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "check", str(broken)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"tensor '{name}' missing from {broken / expert}" in out.stderr
 
 
 def test_check_accepts_the_real_layout(real_wan):

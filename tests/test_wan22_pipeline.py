@@ -123,3 +123,27 @@ def test_family_keywords_and_sizes_are_checked_before_compute(pair, family, test
             ours(test_image, PROMPT, guidance_scale_2="high", progress=False, **SIZES[family])
     with pytest.raises(TypeError, match="unexpected keyword argument 'true_cfg_scale'"):
         ours(test_image, PROMPT, true_cfg_scale=2.0, progress=False, **SIZES[family])
+
+
+def test_only_the_expert_in_use_sits_on_the_device(tmp_path, test_image, monkeypatch):
+    """The idle expert waits in CPU memory: one swap at the boundary, one back at the next run's first step, none
+    when the blocks stream (both experts' blocks live in CPU memory then). Recorded from each expert's .to(); the
+    run's device is named "cpu:0" so that a move to it reads apart from a move to "cpu"."""
+    from minialg.demo import write_tiny
+
+    folder = write_tiny(tmp_path / "a14b", "wan22")
+    for streamed in (False, True):
+        ours = minialg.load(folder, device="cpu", dtype=torch.float32, stream_blocks=streamed)
+        ours.device = torch.device("cpu", 0)
+        moves = []
+        for name, model in (("high", ours.transformer), ("low", ours.transformer_2)):
+            monkeypatch.setattr(model, "to", lambda device, name=name, model=model: moves.append(
+                (name, str(device))) or model, raising=False)  # on the CPU a move changes nothing: record it
+        for _ in range(2):
+            ours(test_image, PROMPT, num_inference_steps=STEPS, progress=False, **SIZES["wan22"])
+        if streamed:
+            assert moves == []
+        else:
+            assert moves == [("high", "cpu"), ("low", "cpu:0"),  # at the boundary of the first run
+                             ("low", "cpu"), ("high", "cpu:0"),  # the next run starts with the high-noise expert
+                             ("high", "cpu"), ("low", "cpu:0")]  # and swaps at its boundary again
