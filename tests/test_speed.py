@@ -18,6 +18,8 @@ from minialg.checkpoint import config_from
 CPU = torch.device("cpu")
 CASES = {  # name -> (family, config): the bench's small configs, and a CogVideoX 1.5 layout beside them
     "wan": ("wan", bench.denoiser_config("wan", small=True)),
+    "wan22": ("wan22", bench.denoiser_config("wan22", small=True)),
+    "wan22_ti2v": ("wan22_ti2v", bench.denoiser_config("wan22_ti2v", small=True)),  # a timestep per latent frame
     "cogvideox": ("cogvideox", bench.denoiser_config("cogvideox", small=True)),
     "cogvideox-1.5": ("cogvideox", dict(bench.denoiser_config("cogvideox", small=True), patch_size_t=2,
                                         ofs_embed_dim=24, patch_bias=False, use_learned_positional_embeddings=False,
@@ -50,7 +52,7 @@ def test_flop_count_equals_torch_flop_counter(case):
     assert bench.denoiser_flops(family, cfg, args) == counter.get_total_flops()
 
 
-@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "wan22", "wan22_ti2v", "cogvideox"])
 def test_flop_count_at_the_real_shape(family):
     """At real size and shape (B=3), run on the meta device: no memory, no compute, the same ops counted."""
     model_cls, config_cls, _ = bench.DENOISERS[family]
@@ -60,6 +62,10 @@ def test_flop_count_at_the_real_shape(family):
         if family == "wan":  # 480x832, 81 frames
             args = (torch.empty(3, 36, 21, 60, 104), torch.empty(3), torch.empty(3, 512, 4096),
                     torch.empty(3, 257, 1280))
+        elif family == "wan22":  # 480x832, 81 frames, no CLIP
+            args = (torch.empty(3, 36, 21, 60, 104), torch.empty(3), torch.empty(3, 512, 4096), None)
+        elif family == "wan22_ti2v":  # 704x1280, 121 frames, a timestep per latent frame
+            args = (torch.empty(3, 48, 31, 44, 80), torch.empty(3, 31), torch.empty(3, 512, 4096), None)
         else:  # 480x720, 49 frames
             args = (torch.empty(3, 13, 32, 60, 90), torch.empty(3), torch.empty(3, 226, 4096))
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -149,15 +155,17 @@ def test_stream_blocks_with_compiled_blocks():
     assert counters["stats"]["unique_graphs"] == 2
 
 
-def test_bench_denoiser_mode_on_cpu(tmp_path):
+@pytest.mark.parametrize("families", [["wan", "cogvideox"], ["wan22", "wan22_ti2v"]])
+def test_bench_denoiser_mode_on_cpu(tmp_path, families):
     """The small configs, B=2 and 3, compiled (eager backend), streamed, against diffusers (float32: the same
     numbers), and the whole-run timing: the report holds every figure, consistent with itself."""
     report_file = tmp_path / "bench.json"
     bench.main(["--denoiser", "--device", "cpu", "--dtype", "float32", "--compile", "--compile-backend", "eager",
-                "--compare-diffusers", "--stream-blocks", "--repeats", "1", "--report", str(report_file)])
+                "--compare-diffusers", "--stream-blocks", "--repeats", "1", "--report", str(report_file),
+                "--family", *families])
     report = json.loads(report_file.read_text())
     assert report["matmul_tflops"] > 0
-    assert [run["family"] for run in report["runs"]] == ["wan", "cogvideox"]
+    assert [run["family"] for run in report["runs"]] == families
     for run in report["runs"]:
         assert run["small"] and run["device"] == "cpu" and run["compile"]
         assert run["sdpa"]["order"][0] in run["sdpa"]["probe_ms"]
@@ -169,8 +177,10 @@ def test_bench_denoiser_mode_on_cpu(tmp_path):
         for batch, row in run["batches"].items():
             shapes = run["input_shapes"][batch]
             assert all(shape[0] == int(batch) for shape in shapes)
-            if run["family"] == "wan":
-                assert row["flops"] == bench.wan_flops(cfg, tuple(shapes[0]), shapes[2][1], shapes[3][1])
+            if run["family"].startswith("wan"):  # shapes: x, timestep, text (and Wan 2.1's image)
+                image = shapes[3][1] if len(shapes) > 3 else 0
+                timesteps = shapes[1][1] if len(shapes[1]) == 2 else 1
+                assert row["flops"] == bench.wan_flops(cfg, tuple(shapes[0]), shapes[2][1], image, timesteps)
             else:
                 assert row["flops"] == bench.cogvideox_flops(cfg, tuple(shapes[0]), shapes[2][1])
             assert row["ms"] > 0 and row["tflops"] == pytest.approx(row["flops"] / row["ms"] / 1e9, rel=1e-2)
