@@ -16,9 +16,10 @@ import torch
 
 def load_image(image: "str | os.PathLike | np.ndarray | torch.Tensor") -> torch.Tensor:
     """A path (PNG, JPEG, WebP, ...) or an HWC uint8 array/tensor -> (H, W, 3) uint8 RGB tensor.
-    Alpha is dropped and gray is repeated to three channels, as Pillow's convert("RGB") does."""
+    Alpha is dropped and gray is repeated to three channels, as Pillow's convert("RGB") does. A file's EXIF
+    orientation is applied (a phone photo comes upright), as diffusers' load_image does."""
     if isinstance(image, (str, os.PathLike)):
-        return _decode(Path(image))
+        return orient(_decode(Path(image)), exif_orientation(Path(image)))
     x = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
     if x.dtype != torch.uint8:
         raise ValueError(f"image array must be uint8, got {x.dtype}")
@@ -50,6 +51,57 @@ def _decode(path: Path) -> torch.Tensor:
         u, v = (_webp_upsample(c)[: y.shape[0], : y.shape[1]] for c in (u, v))
         return _webp_to_rgb(y, u, v)
     return torch.from_numpy(frame.to_ndarray(format="rgb24"))
+
+
+def exif_orientation(path: Path) -> int:
+    """The EXIF orientation tag (1 to 8; 1 = upright) of a JPEG (APP1), PNG (eXIf) or WebP (EXIF) file, else 1."""
+    data = path.read_bytes()
+    tiff = None
+    if data[:2] == b"\xff\xd8":  # JPEG: segments FF xx, 2-byte big-endian length, until the image data
+        i = 2
+        while i + 4 <= len(data) and data[i] == 0xFF and data[i + 1] not in (0xD9, 0xDA):
+            length = int.from_bytes(data[i + 2:i + 4], "big")
+            if data[i + 1] == 0xE1 and data[i + 4:i + 10] == b"Exif\0\0":
+                tiff = data[i + 10:i + 2 + length]
+                break
+            i += 2 + length
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":  # PNG: chunks of 4-byte length, 4-byte type, data, CRC
+        i = 8
+        while i + 8 <= len(data) and tiff is None:
+            length = int.from_bytes(data[i:i + 4], "big")
+            tiff = data[i + 8:i + 8 + length] if data[i + 4:i + 8] == b"eXIf" else None
+            i += 12 + length
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":  # WebP: chunks of fourcc, 4-byte LE size, even padding
+        i = 12
+        while i + 8 <= len(data) and tiff is None:
+            size = int.from_bytes(data[i + 4:i + 8], "little")
+            tiff = data[i + 8:i + 8 + size].removeprefix(b"Exif\0\0") if data[i:i + 4] == b"EXIF" else None
+            i += 8 + size + size % 2
+    if not tiff or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "little" if tiff[:2] == b"II" else "big"  # TIFF: byte order, 42, offset of the first directory
+    ifd = int.from_bytes(tiff[4:8], order)
+    for k in range(int.from_bytes(tiff[ifd:ifd + 2], order) if ifd + 2 <= len(tiff) else 0):
+        entry = tiff[ifd + 2 + 12 * k:ifd + 14 + 12 * k]  # tag, type, count, value (a SHORT: its first 2 bytes)
+        if len(entry) == 12 and int.from_bytes(entry[:2], order) == 0x0112:
+            value = int.from_bytes(entry[8:10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Turn a decoded (H, W, C) image upright for its EXIF orientation (what Pillow's exif_transpose does)."""
+    transforms = {
+        1: lambda t: t,
+        2: lambda t: t.flip(1),  # mirrored left-right
+        3: lambda t: t.flip(0).flip(1),  # upside down
+        4: lambda t: t.flip(0),  # mirrored top-bottom
+        5: lambda t: t.transpose(0, 1),  # mirrored along the main diagonal
+        6: lambda t: t.rot90(-1, (0, 1)),  # stored turned a quarter counter-clockwise: turn it clockwise
+        7: lambda t: t.transpose(0, 1).flip(0).flip(1),  # mirrored along the other diagonal
+        8: lambda t: t.rot90(1, (0, 1)),  # stored turned a quarter clockwise: turn it counter-clockwise
+    }
+    return transforms[orientation](x).contiguous()
 
 
 def _plane(plane: "av.video.plane.VideoPlane") -> torch.Tensor:

@@ -221,3 +221,22 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_video(frames, tmp_path / "no" / "such" / "folder.mp4", fps=16)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.mp4"]
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pillow_does(tmp_path, fmt, orientation):
+    """A rotated or mirrored photo comes upright, equal to Pillow's exif_transpose (what diffusers' load_image
+    applies); JPEG decodes within the known 3 levels of libjpeg, PNG and lossless WebP exactly."""
+    from PIL import Image, ImageOps
+
+    pixels = (np.random.default_rng(orientation).random((20, 30, 3)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"photo.{fmt}"
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), **({"lossless": True} if fmt == "webp" else {}))
+    with Image.open(path) as im:
+        expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    got = load_image(path).numpy()
+    assert got.shape == expected.shape == ((30, 20, 3) if orientation >= 5 else (20, 30, 3))
+    assert np.abs(got.astype(int) - expected).max() <= (3 if fmt == "jpeg" else 0)
