@@ -164,14 +164,14 @@ class Pipeline:
         pixels = media.load_image(image)  # fail on a bad image before any compute
         self.timings.clear()
         generator = torch.Generator(self.device).manual_seed(seed)
+        solver = make_solver(solver, self.scheduler_config, steps, flow_shift, generator, self.sigmas_of(steps))
+        timesteps = solver.timesteps.tolist()  # Python ints/floats: no device reads in the loop
 
         with self._timer("text"):
             prompts = [prompt, negative_prompt] if cfg else [prompt]
             text = self.encode_text(prompts, run, pixels)  # one entry per prompt: prompt, negative
         with self._timer("condition"):
             x, condition, frame = self.prepare(pixels, run["height"], run["width"], run["num_frames"], generator)
-        solver = make_solver(solver, self.scheduler_config, steps, flow_shift, generator, self.sigmas_of(steps))
-        timesteps = solver.timesteps.tolist()  # Python ints/floats: no device reads in the loop
 
         def condition_lp(s: float) -> torch.Tensor:
             if alg.lp_filter_in_latent:
