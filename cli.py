@@ -24,7 +24,7 @@ import torch
 
 import minialg
 from minialg import checkpoint, media
-from minialg.config import load_config
+from minialg.config import bucket_size, load_config
 from minialg.pipeline import pipeline_class, settle
 
 SUBCOMMANDS = {  # name -> one line for the top-level help
@@ -74,12 +74,14 @@ def run_settings(args) -> tuple:
     generation.pop("seed", None)
     if args.negative_prompt is not None:
         generation["negative_prompt"] = args.negative_prompt
+    image = media.load_image(args.image_path)  # every input checked before the model is loaded
+    if config.resolution:  # HunyuanVideo's video.resolution: the bucket closest to the image's aspect ratio
+        generation["height"], generation["width"] = bucket_size(config.resolution, *image.shape[:2])
     for name in OVERRIDES:
         if getattr(args, name) is not None:
             generation[name] = getattr(args, name)
     if args.fps is not None:
         config.fps = args.fps
-    image = media.load_image(args.image_path)  # every input checked before the model is loaded
     folder = checkpoint.resolve(model)
     settle(pipeline_class(folder).defaults_of(folder), alg=config.alg,
            **{k: v for k, v in generation.items() if k in OVERRIDES + ("max_sequence_length", "use_dynamic_cfg")})
@@ -171,8 +173,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     for name, kind in zip(OVERRIDES, (int, int, int, int, float)):
         parser.add_argument(f"--{name}", type=kind, default=None, help=f"overrides the config's generation.{name}")
     parser.add_argument("--fps", type=float, default=None, help="overrides the config's video.fps")
-    parser.add_argument("--offload_encoders", action="store_true",
-                        help="keep the text/image encoders on the CPU between uses")
+    parser.add_argument("--offload_encoders", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the text/image encoders on the CPU between uses (default: the family decides; "
+                             "on for HunyuanVideo-I2V on CUDA cards under 80 GB)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--stream_blocks", action="store_true",
                         help="keep transformer blocks in CPU memory, stream them to the GPU one at a time")
@@ -188,7 +191,7 @@ def subcommand_parser(name: str) -> argparse.ArgumentParser:
     if name == "demo":
         parser.add_argument("--output_path", default="demo.mp4", help="video file: .mp4, .mkv, .webm or .gif")
         parser.add_argument("--steps", type=int, default=8)
-        parser.add_argument("--family", default="wan", choices=["wan", "cogvideox"])
+        parser.add_argument("--family", default="wan", choices=["wan", "cogvideox", "hunyuan_video"])
         parser.add_argument("--seed", type=int, default=42)
     if name == "motion":
         parser.add_argument("video", help="a video file PyAV reads (mp4, webm, mkv, gif, ...)")

@@ -22,7 +22,7 @@ from minialg.demo import train_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 WAN = ROOT / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers"
 COGVIDEOX = ROOT / "minialg" / "real_configs" / "CogVideoX-5b-I2V"
-DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2)}
+DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2), torch.float16: ("F16", 2)}
 
 
 def write_sparse(path: Path, tensors: dict[str, tuple[tuple, torch.dtype]]) -> None:
