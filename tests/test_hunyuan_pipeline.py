@@ -235,6 +235,21 @@ def test_alg_needs_no_cfg_here_but_the_filter_strength_counts(tiny, test_image):
     assert (ours(test_image, PROMPT, alg=dict(noop, lp_filter_in_latent=False), **args) - plain).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("in_latent", [True, False], ids=["latent", "pixel"])
+def test_alg_on_the_latent_concat_kind(tiny, test_image, in_latent):
+    """The 33-channel kind: c_lp = [LP(z), zeros; mask] (or the posterior sample of the filtered image) beside x;
+    with the filter doing nothing in latent space, diffusers' video."""
+    ref, ours = tiny["latent_concat"]
+    args = dict(num_inference_steps=3, seed=42, progress=False, **SIZE)
+    alg = dict(ALG_DEFAULTS, lp_filter_in_latent=in_latent, lp_resize_factor=0.5,
+               lp_strength_schedule_type="interval", schedule_interval_end_time=0.5)
+    plain = ours(test_image, PROMPT, **args)
+    assert np.abs(plain.numpy() - diffusers_frames(ref, ours, test_image, 1.0)).max() < TOL
+    assert torch.equal(ours(test_image, PROMPT, alg=dict(alg, lp_resize_factor=1.0), **args), plain) == in_latent
+    frames = ours(test_image, PROMPT, alg=alg, **args)
+    assert frames.shape == plain.shape and (frames - plain).abs().max() > 1e-4
+
+
 def test_same_seed_same_video(tiny, test_image):
     _, ours = tiny["token_replace"]
     args = dict(num_inference_steps=2, progress=False, **SIZE)
