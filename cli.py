@@ -24,7 +24,7 @@ import torch
 
 import minialg
 from minialg import checkpoint, media
-from minialg.config import load_config
+from minialg.config import bucket_size, load_config
 from minialg.demo import FAMILIES
 from minialg.pipeline import pipeline_class, settle
 
@@ -36,7 +36,7 @@ SUBCOMMANDS = {  # name -> one line for the top-level help
     "motion": "measure a video's motion: optical flow, dynamic degree, motion and residual spectra, fidelity",
     "compare": "one run with ALG and one without (same seed): videos, motion reports, report.html",
 }
-FAMILY_OPTIONS = ("guidance_scale_2",)  # generation keys only some families take (checked before the model loads)
+FAMILY_OPTIONS = ("guidance_scale_2", "true_cfg_scale", "i2v_stable")  # generation keys only some families take (checked before the model loads)
 OVERRIDES = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")  # run flags over the config
 
 
@@ -76,12 +76,14 @@ def run_settings(args) -> tuple:
     generation.pop("seed", None)
     if args.negative_prompt is not None:
         generation["negative_prompt"] = args.negative_prompt
+    image = media.load_image(args.image_path)  # every input checked before the model is loaded
+    if config.resolution:  # HunyuanVideo's video.resolution: the bucket closest to the image's aspect ratio
+        generation["height"], generation["width"] = bucket_size(config.resolution, *image.shape[:2])
     for name in OVERRIDES:
         if getattr(args, name) is not None:
             generation[name] = getattr(args, name)
     if args.fps is not None:
         config.fps = args.fps
-    image = media.load_image(args.image_path)  # every input checked before the model is loaded
     folder = checkpoint.resolve(model)
     family, common = pipeline_class(folder), OVERRIDES + ("max_sequence_length", "use_dynamic_cfg")
     run = settle(family.defaults_of(folder), alg=config.alg, **{k: v for k, v in generation.items() if k in common})
@@ -174,8 +176,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     for name, kind in zip(OVERRIDES, (int, int, int, int, float)):
         parser.add_argument(f"--{name}", type=kind, default=None, help=f"overrides the config's generation.{name}")
     parser.add_argument("--fps", type=float, default=None, help="overrides the config's video.fps")
-    parser.add_argument("--offload_encoders", action="store_true",
-                        help="keep the text/image encoders on the CPU between uses")
+    parser.add_argument("--offload_encoders", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the text/image encoders on the CPU between uses (default: the family decides; "
+                             "on for HunyuanVideo-I2V on CUDA cards under 80 GB)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--stream_blocks", action="store_true",
                         help="keep transformer blocks in CPU memory, stream them to the GPU one at a time")

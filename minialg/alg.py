@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 FILTERS = ("none", "down_up", "gaussian_blur")
 SCHEDULES = ("none", "interval", "linear", "exponential")
-FAMILIES = ("wan", "cogvideox")
+FAMILIES = ("wan", "cogvideox", "hunyuan_video")
 
 
 @dataclass
@@ -96,7 +96,8 @@ class ALGConfig:
 
 
 def check_guidance_scale(cfg: ALGConfig, guidance_scale: float) -> None:
-    """Refuse ALG without classifier-free guidance; the pipeline calls this before any compute."""
+    """Refuse ALG without classifier-free guidance (Wan, CogVideoX); the pipeline calls this before any compute.
+    HunyuanVideo-I2V runs ALG without CFG too (one pass on the filtered condition), so it skips this check."""
     if cfg.enabled and guidance_scale <= 1:
         raise ValueError(f"ALG needs classifier-free guidance: guidance_scale must be > 1, got {guidance_scale}")
 
@@ -126,8 +127,9 @@ def strength(cfg: ALGConfig, i: int, num_steps: int) -> float:
 def three_pass(cfg: ALGConfig, s: float, family: str) -> bool:
     """Whether a step at strength s runs the three-pass ALG batch, by the family's reference rule.
 
-    Wan: whenever s != 0. CogVideoX: also s != 0, but the exponential tail (s < 0.1) falls back to two passes;
-    CogVideoX's two-pass steps still see low_pass(c, cfg, s) (equal to c when s == 0), Wan's see c.
+    Wan and HunyuanVideo (with true CFG): whenever s != 0. CogVideoX: also s != 0, but the exponential tail
+    (s < 0.1) falls back to two passes; CogVideoX's two-pass steps still see low_pass(c, cfg, s) (equal to c when
+    s == 0), Wan's and HunyuanVideo's see c.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}: expected one of {', '.join(FAMILIES)}")

@@ -309,7 +309,7 @@ def random_pipeline(family: str, folder: Path, device: torch.device, dtype: torc
     cls, cpu = pipeline_class(folder), torch.device("cpu")
     modules = {sub: random_model(model_cls, config_from(config_cls, read_json(folder / sub / "config.json")),
                                  cpu if sub.endswith("encoder") or sub == "transformer_2" else device,
-                                 cls.dtypes.get(sub, dtype))
+                                 cls.dtype_of(sub, dtype))
                for sub, (model_cls, config_cls) in cls.components_of(folder).items()}
     return cls(folder, modules, device, cpu, dtype)
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 WEIGHTS_DIR = Path(os.environ.get("MINIALG_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
 # what a run needs from a hub checkpoint; legacy .bin/.pth files and other variants are never fetched
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.safetensors.index.json",
-                "tokenizer/*", "image_processor/*", "scheduler/*"]
+                "tokenizer/*", "tokenizer_2/*", "image_processor/*", "scheduler/*"]
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' file stems
 SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}

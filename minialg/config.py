@@ -1,10 +1,13 @@
 """Run configs in the authors' YAML format -> a validated RunConfig.
 
-    model:      {path, dtype}
+    model:      {path, dtype, flow_shift, flow_reverse}
     generation: keyword arguments of the pipeline call (height, width, num_frames, guidance_scale, ...)
     alg:        the ALG settings (minialg.alg.ALGConfig)
-    video:      {fps}
+    video:      {fps, resolution}
 
+The HunyuanVideo-I2V configs keep two settings where the authors' run.py reads them: `model.flow_shift` (a
+generation flow_shift) and `video.resolution` ("360p", "540p", "720p": the size is the resolution's bucket closest
+to the image's aspect ratio, `bucket_size`); `model.flow_reverse` must be false (no reversed schedule).
 Presets ship inside the package (minialg/configs/NAME.yaml) and can be named instead of a path.
 """
 
@@ -21,8 +24,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 # generation key -> accepted Python types (None is accepted everywhere: it means "the model's default")
 GENERATION = {"height": int, "width": int, "num_frames": int, "num_inference_steps": int,
               "guidance_scale": (int, float), "guidance_scale_2": (int, float), "negative_prompt": str, "max_sequence_length": int,
-              "use_dynamic_cfg": bool, "flow_shift": (int, float), "solver": str, "seed": int}
-SECTIONS = {"model": ("path", "dtype"), "generation": tuple(GENERATION), "alg": None, "video": ("fps",)}
+              "use_dynamic_cfg": bool, "flow_shift": (int, float), "solver": str, "seed": int,
+              "true_cfg_scale": (int, float), "i2v_stable": bool}
+SECTIONS = {"model": ("path", "dtype", "flow_shift", "flow_reverse"), "generation": tuple(GENERATION), "alg": None,
+            "video": ("fps", "resolution")}
+RESOLUTIONS = {"360p": 480, "540p": 720, "720p": 960}  # HunyuanVideo's buckets: the side of the square one
 
 
 @dataclass
@@ -32,6 +38,27 @@ class RunConfig:
     generation: dict = field(default_factory=dict)
     alg: ALGConfig = field(default_factory=ALGConfig)
     fps: float = 16
+    resolution: str | None = None  # a key of RESOLUTIONS: the size comes from the image (bucket_size)
+
+
+def bucket_size(resolution: str, height: int, width: int) -> tuple[int, int]:
+    """(height, width) for an image of height x width at a HunyuanVideo resolution, as the authors' run.py picks
+    it: among the 32-pixel grids of about side^2 pixels with aspect at most 4:1, the one whose height/width ratio
+    (rounded to 5 places) is closest to the image's, taken from the wider-than-or-as-wide side for a portrait or
+    square image and from the taller side for a landscape one."""
+    cells = round((RESOLUTIONS[resolution] / 32) ** 2)
+    buckets, rows, cols = [], cells, 1
+    while rows > 0:  # every (rows, cols) with rows * cols <= cells, walked as the reference walks them
+        if max(rows, cols) / min(rows, cols) <= 4:
+            buckets.append((rows * 32, cols * 32))
+        if (cols + 1) * rows <= cells:
+            cols += 1
+        else:
+            rows -= 1
+    aspect = height / width
+    gaps = [(abs(round(h / w, 5) - aspect), i) for i, (h, w) in enumerate(buckets)
+            if (round(h / w, 5) - aspect <= 0 if aspect >= 1 else round(h / w, 5) - aspect > 0)]
+    return buckets[min(gaps)[1]]
 
 
 def _unknown(key: str, known, where: str) -> ValueError:
@@ -72,6 +99,8 @@ def parse_config(raw: dict, where: str = "config") -> RunConfig:
             if key not in SECTIONS[section]:
                 raise _unknown(key, SECTIONS[section], f"{where} section '{section}'")
     model, video = raw.get("model") or {}, raw.get("video") or {}
+    if model.get("flow_reverse"):
+        raise ValueError(f"{where}: model.flow_reverse: true (a reversed sigma schedule) is not supported")
     config = RunConfig(alg=ALGConfig.from_dict(raw.get("alg")))
     if model.get("path") is not None:
         if not isinstance(model["path"], str) or not model["path"]:
@@ -86,6 +115,11 @@ def parse_config(raw: dict, where: str = "config") -> RunConfig:
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
             raise ValueError(f"{where}: video.fps must be a number in (0, 240], got {fps!r}")
         config.fps = fps
+    if video.get("resolution") is not None:
+        if video["resolution"] not in RESOLUTIONS:
+            raise ValueError(f"{where}: video.resolution must be one of {', '.join(RESOLUTIONS)}, "
+                             f"got {video['resolution']!r}")
+        config.resolution = video["resolution"]
     for key, value in (raw.get("generation") or {}).items():
         if value is None:
             continue
@@ -96,4 +130,11 @@ def parse_config(raw: dict, where: str = "config") -> RunConfig:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ValueError(f"{where}: generation.{key} must not be negative, got {value!r}")
         config.generation[key] = value
+    if model.get("flow_shift") is not None:  # the authors' place for it; generation.flow_shift says the same
+        shift = model["flow_shift"]
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift <= 0:
+            raise ValueError(f"{where}: model.flow_shift must be a number > 0, got {shift!r}")
+        if config.generation.setdefault("flow_shift", shift) != shift:
+            raise ValueError(f"{where}: model.flow_shift {shift} and generation.flow_shift "
+                             f"{config.generation['flow_shift']} disagree")
     return config

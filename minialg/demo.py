@@ -1,8 +1,10 @@
 """Tiny random checkpoints of every family in the real folder layout, written without diffusers.
 
-Each has every file a real checkpoint has (model_index.json, config.json + safetensors per component, the
-tokenizer's spiece.model, the scheduler config, Wan 2.1's image processor config), with small sizes and random
-weights, so `python cli.py demo` runs a whole path offline on a CPU in seconds. The video it makes is noise.
+Each has every file a real checkpoint has (model_index.json, config.json + safetensors per component under the
+published tensor names, the tokenizer files, the scheduler config, the image processor config), with small sizes
+and random weights, so `python cli.py demo` runs a whole path offline on a CPU in seconds. The video it makes is
+noise. The tokenizers are small too: a sentencepiece model trained here (T5), and byte-level BPE files written by
+hand (HunyuanVideo's Llama-3 tokenizer.json and CLIP vocab.json + merges.txt: the 256 byte symbols and a few merges).
 """
 
 import io
@@ -13,13 +15,16 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import config_from, read_json
+from .models.bpe import BYTE_CHARS, LLAMA3_PATTERN
+from .models.llava import DecoderLayer
 from .pipeline import pipeline_class
 
 REAL_CONFIGS = Path(__file__).parent / "real_configs"
 REAL = REAL_CONFIGS / "Wan2.1-I2V-14B-480P-Diffusers"
 REAL_COGVIDEOX = REAL_CONFIGS / "CogVideoX-5b-I2V"
 FAMILIES = {"wan": "Wan2.1-I2V-14B-480P-Diffusers", "wan22": "Wan2.2-I2V-A14B-Diffusers",
-            "wan22_ti2v": "Wan2.2-TI2V-5B-Diffusers", "cogvideox": "CogVideoX-5b-I2V"}  # family -> real configs
+            "wan22_ti2v": "Wan2.2-TI2V-5B-Diffusers", "cogvideox": "CogVideoX-5b-I2V",
+            "hunyuan_video": "HunyuanVideo-I2V"}  # family -> real configs
 TEXT = """a red ball bouncing on a wooden floor
 a car chase through narrow city streets at night
 a snowboarder doing a backflip off a jump
@@ -86,6 +91,102 @@ def tiny_cogvideox_configs(vocab_size: int, size: str = "tiny") -> dict:
     return {"transformer": transformer, "text_encoder": text, "vae": vae}
 
 
+def tiny_hunyuan_configs(ids: dict, size: str = "tiny") -> dict:
+    """HunyuanVideo-I2V's configs, shrunk; `ids`: the tiny tokenizers' sizes and special ids (write_bpe_tokenizers)."""
+    s, real = SIZES[size], REAL_CONFIGS / FAMILIES["hunyuan_video"]
+    head = s["dim"] // s["heads"]
+    axes = [head // 3 // 2 * 2, head // 3 // 2 * 2]
+    transformer = dict(read_json(real / "transformer" / "config.json"), num_attention_heads=s["heads"],
+                       attention_head_dim=head, rope_axes_dim=[head - sum(axes), *axes], num_layers=s["layers"],
+                       num_single_layers=s["layers"], num_refiner_layers=1, text_embed_dim=s["text"],
+                       pooled_projection_dim=s["clip"])
+    vae = dict(read_json(real / "vae" / "config.json"), block_out_channels=[s["vae"]] + [2 * s["vae"]] * 3,
+               norm_num_groups=4, layers_per_block=1)
+    llava = read_json(real / "text_encoder" / "config.json")
+    llava.update(image_token_index=ids["<image>"], pad_token_id=ids["<pad>"], text_config=dict(
+        llava["text_config"], vocab_size=ids["vocab"], hidden_size=s["text"], intermediate_size=2 * s["text"],
+        num_hidden_layers=s["layers"] + 2, num_attention_heads=4, num_key_value_heads=2, bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"]), vision_config=dict(
+        llava["vision_config"], hidden_size=s["clip"], intermediate_size=2 * s["clip"], num_attention_heads=4,
+        num_hidden_layers=s["clip_layers"], image_size=s["image"], patch_size=s["image"] // 4, projection_dim=16))
+    clip = dict(read_json(real / "text_encoder_2" / "config.json"), vocab_size=ids["clip_vocab"],
+                hidden_size=s["clip"], intermediate_size=2 * s["clip"], num_attention_heads=4, num_hidden_layers=2,
+                projection_dim=16)
+    return {"transformer": transformer, "vae": vae, "text_encoder": llava, "text_encoder_2": clip}
+
+
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<image>", "<pad>"]
+LLAMA_MERGES = ["Ġ t", "h e", "Ġt he", "Ġ a", "Ġ o", "Ġo f", "i n", "e r", "o n", "e s", "a t", "Ċ Ċ"]
+CLIP_MERGES = ["t h", "th e</w>", "i n", "r e", "o n</w>", "e r", "a n", "a t</w>"]
+
+
+def write_bpe_tokenizers(folder: Path) -> dict:
+    """HunyuanVideo-I2V's two tokenizers in their published files, written by hand: tokenizer/ (a Llama-3 style
+    tokenizer.json: the byte symbols, a few merges, the chat template's special tokens) and tokenizer_2/ (CLIP's
+    vocab.json + merges.txt). Returns the sizes and ids the tiny text encoders need."""
+    vocab = {c: i for i, c in enumerate(BYTE_CHARS)} | {m.replace(" ", ""): 256 + i for i, m in enumerate(LLAMA_MERGES)}
+    ids = {token: len(vocab) + i for i, token in enumerate(LLAMA_SPECIALS)}
+    bos = {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}
+    spec = {
+        "version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in ids.items()],
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos,
+                                    {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>",
+                                                                    "ids": [ids["<|begin_of_text|>"]],
+                                                                    "tokens": ["<|begin_of_text|>"]}}},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": vocab, "merges": LLAMA_MERGES}}
+    real = REAL_CONFIGS / FAMILIES["hunyuan_video"]
+    for sub in ("tokenizer", "tokenizer_2"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer" / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (folder / "tokenizer" / "tokenizer_config.json").write_text((real / "tokenizer" / "tokenizer_config.json").read_text())
+
+    clip = {c: i for i, c in enumerate(BYTE_CHARS + [c + "</w>" for c in BYTE_CHARS])}
+    clip |= {m.replace(" ", ""): 512 + i for i, m in enumerate(CLIP_MERGES)}
+    start, end = len(clip), len(clip) + 1  # the end-of-text token has the largest id, as CLIP's
+    clip |= {"<|startoftext|>": start, "<|endoftext|>": end}
+    (folder / "tokenizer_2" / "vocab.json").write_text(json.dumps(clip, ensure_ascii=False))
+    (folder / "tokenizer_2" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(CLIP_MERGES) + "\n")
+    config = read_json(real / "tokenizer_2" / "tokenizer_config.json")
+    config["added_tokens_decoder"] = dict(zip((str(start), str(end)), config["added_tokens_decoder"].values()))
+    (folder / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return {"vocab": len(vocab) + len(ids), "clip_vocab": len(clip), "<image>": ids["<image>"], "<pad>": ids["<pad>"],
+            "bos": ids["<|begin_of_text|>"], "eos": ids["<|end_of_text|>"]}
+
+
+def published(sub: str, module: torch.nn.Module, config: dict, generator: torch.Generator) -> dict:
+    """A module's tensors under the published files' names, with the tensors minialg never reads (CLIP's
+    projection, LLaVA's unread last layers, final norm and lm_head) filled in at random."""
+    tensors = {name: t.contiguous() for name, t in module.state_dict().items()}
+    if sub == "image_encoder":  # a prefix, and a projection we never use
+        tensors = {f"vision_model.{name}": t for name, t in tensors.items()}
+        tensors["visual_projection.weight"] = torch.randn(config["projection_dim"], config["hidden_size"],
+                                                          generator=generator)
+    if sub == "text_encoder_2":
+        tensors = {f"text_model.{name}": t for name, t in tensors.items()}
+    if sub == "text_encoder" and "vision_tower.embeddings.class_embedding" in tensors:  # LLaVA (transformers 4 names)
+        text = module.config.text_config
+        for k in range(len(module.language_model.layers), text.num_hidden_layers):
+            layer = DecoderLayer(text)
+            randomize(layer, generator)
+            tensors |= {f"language_model.layers.{k}.{n}": t for n, t in layer.state_dict().items()}
+        tensors["language_model.norm.weight"] = torch.ones(text.hidden_size)
+        tensors = {name.replace("language_model.", "language_model.model.", 1).replace(
+            "vision_tower.", "vision_tower.vision_model.", 1): t for name, t in tensors.items()}
+        tensors["language_model.lm_head.weight"] = torch.randn(text.vocab_size, text.hidden_size, generator=generator)
+    return tensors
+
+
 def randomize(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Finite random weights: scaled normal matrices, unit norm weights, small vectors."""
     for name, p in module.named_parameters():
@@ -113,10 +214,13 @@ def train_tokenizer(path: Path) -> int:
 def write_tiny(folder: Path, family: str = "wan", seed: int = 0, size: str = "tiny") -> Path:
     """Write a tiny checkpoint of `family` (a key of FAMILIES) into `folder` (created); returns it."""
     folder, real = Path(folder), REAL_CONFIGS / FAMILIES[family]
-    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
-    vocab_size = train_tokenizer(folder / "tokenizer" / "spiece.model")
-    configs = tiny_cogvideox_configs(vocab_size, size) if family == "cogvideox" else \
-        tiny_configs(vocab_size, size, family)
+    if family == "hunyuan_video":
+        configs = tiny_hunyuan_configs(write_bpe_tokenizers(folder), size)
+    else:
+        (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+        vocab_size = train_tokenizer(folder / "tokenizer" / "spiece.model")
+        configs = tiny_cogvideox_configs(vocab_size, size) if family == "cogvideox" else \
+            tiny_configs(vocab_size, size, family)
     (folder / "model_index.json").write_text((real / "model_index.json").read_text())
     for sub, config in configs.items():
         (folder / sub).mkdir(exist_ok=True)
@@ -136,12 +240,8 @@ def write_tiny(folder: Path, family: str = "wan", seed: int = 0, size: str = "ti
         config = configs[sub]
         module = model_cls(config_from(config_cls, config))
         randomize(module, generator)
-        tensors = {name: t.contiguous() for name, t in module.state_dict().items()}
-        if sub == "image_encoder":  # the published file's names: a prefix, and a projection we never use
-            tensors = {f"vision_model.{name}": t for name, t in tensors.items()}
-            tensors["visual_projection.weight"] = torch.randn(config["projection_dim"], config["hidden_size"],
-                                                              generator=generator)
-        stem = "model" if sub.endswith("encoder") else "diffusion_pytorch_model"
+        tensors = published(sub, module, config, generator)
+        stem = "model" if sub.startswith(("text_encoder", "image_encoder")) else "diffusion_pytorch_model"
         save_file(tensors, str(folder / sub / f"{stem}.safetensors"))
     return folder
 

@@ -1,8 +1,8 @@
 """GPU speed and memory for the transformers: regional compilation, and blocks streamed from CPU memory.
 
-`compile_blocks(model)` compiles each block's forward with torch.compile; every block runs the same code, so
-one graph per input shape serves them all, and the code around the blocks stays eager (cheap, and free of
-graph breaks).
+`compile_blocks(model)` compiles each block's forward with torch.compile; every block of a kind runs the same
+code, so one graph per input shape serves them all (HunyuanVideo has two kinds: double- and single-stream
+blocks), and the code around the blocks stays eager (cheap, and free of graph breaks).
 
 
 `stream_blocks(model, device)` puts everything but the blocks on `device` and leaves the blocks' weights on the
@@ -61,9 +61,13 @@ def check_device(device: "str | torch.device") -> torch.device:
     return device
 
 
-def blocks_of(model: nn.Module) -> nn.ModuleList:
-    """The repeated blocks of a transformer: Wan's `blocks`, CogVideoX's `transformer_blocks` (checkpoint names)."""
-    return model.blocks if hasattr(model, "blocks") else model.transformer_blocks
+BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks")  # checkpoint names of block lists
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformer in the order they run: Wan's `blocks`, CogVideoX's
+    `transformer_blocks`, HunyuanVideo's `transformer_blocks` (double stream) then `single_transformer_blocks`."""
+    return [block for name in BLOCK_LISTS for block in getattr(model, name, ())]
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> None:
@@ -81,7 +85,7 @@ class BlockStreamer:
     travels in one or two large copies, and its device copy is one allocation per dtype.
     """
 
-    def __init__(self, blocks: nn.ModuleList, device: torch.device):
+    def __init__(self, blocks: list[nn.Module], device: torch.device):
         self.device = device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.host = [pack(block) for block in blocks]  # per block: [(flat CPU buffer, [(param, offset)])]
@@ -150,11 +154,11 @@ def point(params: list[tuple[nn.Parameter, int]], flat: torch.Tensor) -> None:
 
 
 def stream_blocks(model: nn.Module, device: torch.device | str) -> BlockStreamer:
-    """Move `model` to `device` except its blocks (`model.blocks` or `model.transformer_blocks`), which stay on
-    the CPU and visit `device` one at a time during forward (see the module docstring)."""
+    """Move `model` to `device` except its blocks (`blocks_of`), which stay on the CPU and visit `device` one at
+    a time during forward, in the order they run (see the module docstring)."""
     device = torch.device(device)
     blocks = blocks_of(model)
-    in_blocks = {id(p) for p in blocks.parameters()}
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
     for p in model.parameters():
         if id(p) not in in_blocks:
             p.data = p.data.to(device)

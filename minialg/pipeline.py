@@ -10,8 +10,8 @@
            VAE decode ─> frames (F, H, W, 3) in [0, 1]
 
 `Pipeline` holds the loop. Each family (minialg/families/) fills in what differs: which components its folder
-holds, how text and image become the condition, the denoiser call (and which denoiser, where a checkpoint has
-two experts), and decoding.
+holds, how text and image become the condition (the text encoders, and what "text" holds per pass), the
+denoiser call (and which denoiser, where a checkpoint has two experts), and decoding.
 """
 
 import time
@@ -24,15 +24,15 @@ from tqdm import tqdm
 
 from . import alg as lowpass
 from . import checkpoint, gpu, media
-from .models.t5 import Tokenizer
 from .sampling import make_solver
 
 
 def families() -> list[type["Pipeline"]]:
     from .families.cogvideox import CogVideoX
+    from .families.hunyuan import HunyuanVideo
     from .families.wan import Wan
 
-    return [Wan, CogVideoX]
+    return [Wan, CogVideoX, HunyuanVideo]
 
 
 def pipeline_class(folder: Path) -> type["Pipeline"]:
@@ -64,12 +64,14 @@ def check(model) -> list[dict]:
     return summary
 
 
-def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool = False, compile: bool = False,
+def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool | None = None, compile: bool = False,
          stream_blocks: bool = False) -> "Pipeline":
     """Load a checkpoint folder (diffusers' layout) or hub repo id into a ready-to-call pipeline.
 
-    The denoiser and text encoder run in `dtype`; Wan's VAE and CLIP stay float32, as the authors run them.
-    With `offload_encoders`, the text and image encoders live on the CPU and visit `device` only to encode.
+    The denoiser runs in `dtype`; the other components as the authors run them (Pipeline.dtype_of): Wan's VAE and
+    CLIP in float32, HunyuanVideo's VAE and text encoders in float16 beside a bfloat16 denoiser, the rest in
+    `dtype`. With `offload_encoders`, the text and image encoders live on the CPU and visit `device` only to
+    encode; None lets the family choose (Pipeline.offload_by_default: on for HunyuanVideo on small CUDA cards).
     `compile` compiles each transformer block (regional torch.compile); `stream_blocks` keeps the transformer's
     blocks in CPU memory and streams them to `device` one at a time (minialg.gpu), for small GPUs. Where a
     checkpoint has two denoisers (Wan 2.2 A14B), the one not in use waits in CPU memory.
@@ -82,13 +84,15 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool =
     folder = checkpoint.resolve(model)
     check(folder)  # every component's names and shapes, before any tensor data is read
     cls = pipeline_class(folder)
+    if offload_encoders is None:
+        offload_encoders = cls.offload_by_default(device)
     encoder_device = torch.device("cpu") if offload_encoders else device
     modules = {}
     for sub, (model_cls, config_cls) in cls.components_of(folder).items():
-        where = encoder_device if sub.endswith("encoder") else device
+        where = encoder_device if sub.startswith(("text_encoder", "image_encoder")) else device
         if sub.startswith("transformer") and (stream_blocks or sub != "transformer"):
             where = torch.device("cpu")  # streamed blocks start there; a second expert waits there
-        modules[sub] = checkpoint.load(model_cls, config_cls, folder / sub, where, cls.dtypes.get(sub, dtype))
+        modules[sub] = checkpoint.load(model_cls, config_cls, folder / sub, where, cls.dtype_of(sub, dtype))
     for sub in [s for s in modules if s.startswith("transformer")]:
         if stream_blocks:
             gpu.stream_blocks(modules[sub], device)
@@ -102,14 +106,13 @@ class Pipeline:
     references: tuple[str, ...]  # diffusers' pipeline classes, as model_index.json names them
     dtypes: dict = {}  # components that keep their own dtype
     family: str  # the ALG family rule (alg.three_pass)
-    two_pass_filters: bool  # whether the passes of a step without the ALG batch see c_lp (True) or c
+    two_pass_filters: bool  # whether the CFG passes of a step without the ALG batch see c_lp (True) or c
 
     def __init__(self, folder: Path, modules: dict, device: torch.device, encoder_device: torch.device,
                  dtype: torch.dtype, streamed: bool = False):
         self.folder, self.device, self.encoder_device, self.dtype = folder, device, encoder_device, dtype
         self.streamed = streamed  # transformer blocks stream from CPU memory
         self.transformer, self.vae, self.text_encoder = modules["transformer"], modules["vae"], modules["text_encoder"]
-        self.tokenizer = Tokenizer(folder / "tokenizer" / "spiece.model")
         self.scheduler_config = checkpoint.read_json(folder / "scheduler" / "scheduler_config.json")
         self.defaults = self.defaults_of(folder)
         self.timings = {}  # seconds per stage of the last call
@@ -122,7 +125,21 @@ class Pipeline:
     @classmethod
     def files_of(cls, folder: Path) -> list[str]:
         """Files the family reads as they are, beside the modules."""
-        return ["tokenizer/spiece.model", "scheduler/scheduler_config.json"]
+        return ["scheduler/scheduler_config.json"]
+
+    @classmethod
+    def dtype_of(cls, component: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a component runs in when the pipeline is loaded in `dtype`."""
+        return cls.dtypes.get(component, dtype)
+
+    @classmethod
+    def offload_by_default(cls, device: torch.device) -> bool:
+        """Whether load() offloads the encoders when not told (the family's memory needs against the card)."""
+        return False
+
+    def sigmas_of(self, steps: int) -> list[float] | None:
+        """The unshifted noise levels the reference pipeline passes its scheduler, or None for the scheduler's own."""
+        return None
 
     @torch.no_grad()
     def __call__(self, image, prompt: str, *, negative_prompt: str = "", num_frames: int | None = None,
@@ -133,7 +150,8 @@ class Pipeline:
                  **family_options) -> torch.Tensor:
         """Generate a video: float32 (frames, height, width, 3) in [0, 1], on the CPU.
 
-        `family_options` are a family's own keywords (Wan 2.2 A14B: `guidance_scale_2`); others are refused.
+        `family_options` are a family's own keywords (Wan 2.2 A14B: `guidance_scale_2`; HunyuanVideo-I2V:
+        `true_cfg_scale`); others are refused.
         """
         run = settle(self.defaults, height=height, width=width, num_frames=num_frames, alg=alg,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -141,19 +159,19 @@ class Pipeline:
         run.update(self.settle_options(self.folder, run, **family_options))
         alg, steps = run["alg"], num_inference_steps
         self.progress = (0, steps)  # (solver steps done, steps): read by the CLI when a run is interrupted
-        cfg, use_alg = run["guidance_scale"] > 1.0, alg.enabled
+        cfg, use_alg = run["cfg"], alg.enabled  # cfg: real classifier-free guidance (negative passes)
         dynamic_cfg = use_dynamic_cfg and not use_alg  # the reference ignores it while ALG is on
         pixels = media.load_image(image)  # fail on a bad image before any compute
         self.timings.clear()
         generator = torch.Generator(self.device).manual_seed(seed)
+        solver = make_solver(solver, self.scheduler_config, steps, flow_shift, generator, self.sigmas_of(steps))
+        timesteps = solver.timesteps.tolist()  # Python ints/floats: no device reads in the loop
 
         with self._timer("text"):
             prompts = [prompt, negative_prompt] if cfg else [prompt]
-            text = self.encode_text(prompts, run["max_sequence_length"])  # [(1, L, C)]: prompt, negative
+            text = self.encode_text(prompts, run, pixels)  # one entry per prompt: prompt, negative
         with self._timer("condition"):
             x, condition, frame = self.prepare(pixels, run["height"], run["width"], run["num_frames"], generator)
-        solver = make_solver(solver, self.scheduler_config, steps, flow_shift, generator)
-        timesteps = solver.timesteps.tolist()  # Python ints/floats: no device reads in the loop
 
         def condition_lp(s: float) -> torch.Tensor:
             if alg.lp_filter_in_latent:
@@ -170,8 +188,8 @@ class Pipeline:
                     uncond, cond_lp, uncond_lp = self.denoise(model, x, t, [condition, c_lp, c_lp],
                                                               [text[1], text[0], text[1]])
                     v = lowpass.guided(uncond, cond_lp, w, uncond_lp)
-                else:
-                    c = condition_lp(s) if use_alg and self.two_pass_filters else condition
+                else:  # without CFG only HunyuanVideo runs ALG: one pass, on c_lp at every step
+                    c = condition_lp(s) if use_alg and (self.two_pass_filters or not cfg) else condition
                     if cfg:
                         uncond, cond = self.denoise(model, x, t, [c, c], [text[1], text[0]])
                         v = lowpass.guided(uncond, cond, self.dynamic_scale(w, timesteps[i], steps) if dynamic_cfg
@@ -204,14 +222,6 @@ class Pipeline:
             torch.cuda.synchronize(self.device)
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
-    def _text_states(self, prompts: list[str], max_length: int, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 states (P, L, C) of the prompts, attending to padding or not, and the padding mask (P, L)."""
-        ids, mask = self.tokenizer(prompts, max_length)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.text_encoder.to(self.device)(ids, mask if masked else None)
-        self.text_encoder.to(self.encoder_device)
-        return hidden, mask
-
 
 def settle(defaults: dict, *, height=None, width=None, num_frames=None, num_inference_steps=50,
            guidance_scale=None, alg=None, max_sequence_length=None, use_dynamic_cfg=False) -> dict:
@@ -221,6 +231,7 @@ def settle(defaults: dict, *, height=None, width=None, num_frames=None, num_infe
                guidance_scale=defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
                max_sequence_length=max_sequence_length or defaults["max_sequence_length"],
                alg=alg if isinstance(alg, lowpass.ALGConfig) else lowpass.ALGConfig.from_dict(alg))
+    run["cfg"] = run["guidance_scale"] > 1.0  # a family whose CFG scale is another keyword resets it
     multiple = defaults.get("size_multiple", 16)  # VAE stride x patch size
     for name in ("height", "width"):
         if isinstance(run[name], bool) or not isinstance(run[name], int) or run[name] <= 0 or run[name] % multiple:
@@ -242,6 +253,7 @@ def settle(defaults: dict, *, height=None, width=None, num_frames=None, num_infe
     if defaults.get("fixed_size") and length != limit:  # the learned table has one row per text position
         raise ValueError(f"max_sequence_length must be {limit} for this checkpoint, got {length}")
     if use_dynamic_cfg and not defaults["dynamic_cfg"]:
-        raise ValueError("use_dynamic_cfg is a CogVideoX option; Wan uses a constant guidance scale")
-    lowpass.check_guidance_scale(run["alg"], run["guidance_scale"])
+        raise ValueError("use_dynamic_cfg is a CogVideoX option; this checkpoint uses a constant guidance scale")
+    if defaults.get("alg_needs_cfg", True):
+        lowpass.check_guidance_scale(run["alg"], run["guidance_scale"])
     return run

@@ -166,9 +166,11 @@ class FlowEuler:
         self.timesteps = timesteps  # (N,) float32, sigma * num_train_timesteps
 
     @classmethod
-    def from_config(cls, config: dict, num_steps: int, flow_shift: float | None = None) -> "FlowEuler":
+    def from_config(cls, config: dict, num_steps: int, flow_shift: float | None = None,
+                    sigmas: list[float] | None = None) -> "FlowEuler":
         """Build from a FlowMatchEulerDiscreteScheduler config (key `shift`), or from a flow UniPC config (key
-        `flow_shift`); flow_shift overrides either."""
+        `flow_shift`); flow_shift overrides either. `sigmas`: the num_steps unshifted noise levels a pipeline
+        passes itself (HunyuanVideo-I2V: 1 down to 1/N), shifted here in float32 as diffusers' set_timesteps does."""
         _require(config, "use_flow_sigmas", (True,), True)
         _require(config, "prediction_type", ("flow_prediction",), "flow_prediction")
         for key in _UNSUPPORTED_OPTIONS + ("invert_sigmas", "stochastic_sampling"):
@@ -176,6 +178,12 @@ class FlowEuler:
         if flow_shift is None:
             flow_shift = config.get("flow_shift", config.get("shift", 1.0))
         n_train = config.get("num_train_timesteps", 1000)
+        if sigmas is not None:
+            if len(sigmas) != num_steps:
+                raise ValueError(f"{len(sigmas)} sigmas for {num_steps} steps")
+            given = torch.tensor(sigmas, dtype=torch.float64).float()  # numpy's astype(float32)
+            shifted = flow_shift * given / (1 + (flow_shift - 1) * given)  # float32 throughout, as numpy there
+            return cls(torch.cat([shifted, torch.zeros(1)]), shifted * n_train)
         # diffusers' convention: shift the ends of the training schedule (in float32), space the steps
         # linearly between them, and shift the result again.
         ends = torch.tensor([n_train, 1.0]) / n_train
@@ -351,13 +359,13 @@ SCHEDULER_SOLVERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscrete
 
 
 def make_solver(name: str | None, scheduler_config: dict, num_steps: int, flow_shift: float | None = None,
-                generator: torch.Generator | None = None) -> Solver:
+                generator: torch.Generator | None = None, sigmas: list[float] | None = None) -> Solver:
     """A fresh solver for one run, set up from the checkpoint's scheduler config.
 
     name: "auto" or None picks the solver of the config's own scheduler (its `_class_name`: UniPC for Wan 2.1,
     DDIM for CogVideoX); "unipc" or "euler" for flow-matching configs, "ddim" or "dpm" for CogVideoX configs, any
     of a family on a config of the same family. flow_shift overrides a flow config's shift; generator is the
-    run's noise source, used by DPM only.
+    run's noise source, used by DPM only; sigmas, a pipeline's own unshifted noise levels, Euler only.
     """
     if name in (None, "auto"):
         scheduler = scheduler_config.get("_class_name")
@@ -369,9 +377,13 @@ def make_solver(name: str | None, scheduler_config: dict, num_steps: int, flow_s
         raise ValueError(f"unknown solver {name!r} (choose one of {sorted(SOLVERS)} or 'auto')")
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    if sigmas is not None and name != "euler":
+        raise ValueError(f"solver {name!r}: this pipeline sets its own noise levels, which only 'euler' follows")
     try:
-        if name in ("unipc", "euler"):
-            return SOLVERS[name].from_config(scheduler_config, num_steps, flow_shift)
+        if name == "euler":
+            return FlowEuler.from_config(scheduler_config, num_steps, flow_shift, sigmas)
+        if name == "unipc":
+            return UniPC.from_config(scheduler_config, num_steps, flow_shift)
         if flow_shift is not None:
             raise ValueError(f"flow_shift={flow_shift} applies to the flow-matching solvers only")
         if name == "ddim":

@@ -12,22 +12,28 @@ from minialg import bench
 from minialg.demo import demo_image, write_tiny
 
 
-@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan_video"])
 def test_self_written_checkpoint_loads_in_diffusers_and_agrees(tmp_path, family):
     from diffusers import CogVideoXImageToVideoPipeline, WanImageToVideoPipeline
     from PIL import Image
 
     folder = write_tiny(tmp_path / "tiny", family)
     image = demo_image().numpy()
-    reference_cls = WanImageToVideoPipeline if family == "wan" else CogVideoXImageToVideoPipeline
+    pipe = minialg.load(folder, device="cpu", dtype=torch.float32)
     args = dict(height=32, width=48, num_frames=5, num_inference_steps=2)
+    extra = {}
     if family == "cogvideox":  # its learned positional embedding fixes the size (and the text length)
-        args = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
-    reference = reference_cls.from_pretrained(folder, dtype=torch.float32)
-    extra = {"max_sequence_length": 16} if family == "cogvideox" else {}
+        args, extra = dict(height=64, width=96, num_frames=9, num_inference_steps=2), {"max_sequence_length": 16}
+        reference = CogVideoXImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
+    elif family == "hunyuan_video":  # the hand-written tokenizer files read by transformers' tokenizers
+        from test_hunyuan_pipeline import reference_pipeline, template_of
+
+        reference, extra = reference_pipeline(folder), {"prompt_template": template_of(pipe), "guidance_scale": 6.0}
+    else:
+        reference = WanImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
     expected = reference(image=Image.fromarray(image), prompt="a red ball", output_type="np",
                          generator=torch.Generator().manual_seed(42), **args, **extra).frames[0]
-    frames = minialg.load(folder, device="cpu", dtype=torch.float32)(image, "a red ball", progress=False, **args)
+    frames = pipe(image, "a red ball", progress=False, **args)
     assert np.abs(frames.numpy() - expected).max() < 5e-4 and expected.std() > 0.01
 
 

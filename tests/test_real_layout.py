@@ -24,7 +24,7 @@ WAN = ROOT / "minialg" / "real_configs" / "Wan2.1-I2V-14B-480P-Diffusers"
 COGVIDEOX = ROOT / "minialg" / "real_configs" / "CogVideoX-5b-I2V"
 WAN22 = ROOT / "minialg" / "real_configs" / "Wan2.2-I2V-A14B-Diffusers"
 TI2V = ROOT / "minialg" / "real_configs" / "Wan2.2-TI2V-5B-Diffusers"
-DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2)}
+DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2), torch.float16: ("F16", 2)}
 
 
 def write_sparse(path: Path, tensors: dict[str, tuple[tuple, torch.dtype]]) -> None:

@@ -15,10 +15,10 @@ from ..models.cogvideox import CogVideoXTransformer, CogVideoXTransformerConfig
 from ..models.cogvideox_vae import CogVideoXVAE, CogVideoXVAEConfig
 from ..models.t5 import T5Config, T5Encoder
 from ..models.wan_vae import sample_posterior
-from ..pipeline import Pipeline
+from .t5 import T5Pipeline
 
 
-class CogVideoX(Pipeline):
+class CogVideoX(T5Pipeline):
     references = ("CogVideoXImageToVideoPipeline",)
     family, two_pass_filters = "cogvideox", True  # two-pass steps see the filtered condition
     tiled_decode = False  # set True to decode in overlapping spatial tiles (less memory at large sizes)
@@ -38,9 +38,10 @@ class CogVideoX(Pipeline):
                     fixed_size=size if config.get("use_learned_positional_embeddings") else None,
                     frames_4k1=False, dynamic_cfg=True)
 
-    def encode_text(self, prompts: list[str], max_length: int) -> list[torch.Tensor]:
+    def encode_text(self, prompts: list[str], run: dict, pixels) -> list[torch.Tensor]:
         """T5 states of the prompts as they are, padding included (the reference passes no mask): [(1, L, C)]."""
-        return [h[None].to(self.dtype) for h in self._text_states(prompts, max_length, masked=False)[0]]
+        states = self._text_states(prompts, run["max_sequence_length"], masked=False)[0]
+        return [h[None].to(self.dtype) for h in states]
 
     def prepare(self, pixels, height, width, num_frames, generator):
         """The image latent (a posterior sample, drawn first), then the noise: the reference's order."""

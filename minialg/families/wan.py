@@ -20,7 +20,7 @@ from ..models.t5 import T5Config, T5Encoder, clean_prompt
 from ..models.wan import WanTransformer, WanTransformerConfig
 from ..models.wan22_vae import Wan22VAE
 from ..models.wan_vae import WanVAE, WanVAEConfig, sample_posterior
-from ..pipeline import Pipeline
+from .t5 import T5Pipeline
 
 
 def listed(index: dict, component: str) -> bool:
@@ -29,7 +29,7 @@ def listed(index: dict, component: str) -> bool:
     return bool(entry) and entry != [None, None]
 
 
-class Wan(Pipeline):
+class Wan(T5Pipeline):
     references = ("WanImageToVideoPipeline", "WanPipeline")
     dtypes = {"vae": torch.float32, "image_encoder": torch.float32}
     family, two_pass_filters = "wan", False  # two-pass steps see the sharp condition
@@ -102,9 +102,9 @@ class Wan(Pipeline):
             self.resident = model.to(self.device)
         return model, w
 
-    def encode_text(self, prompts: list[str], max_length: int) -> list[torch.Tensor]:
+    def encode_text(self, prompts: list[str], run: dict, pixels) -> list[torch.Tensor]:
         """UMT5 states of the cleaned prompts, zero past each prompt's end: [(1, L, C)]."""
-        hidden, mask = self._text_states([clean_prompt(p) for p in prompts], max_length, masked=True)
+        hidden, mask = self._text_states([clean_prompt(p) for p in prompts], run["max_sequence_length"], masked=True)
         hidden = hidden * mask[..., None]  # the reference trims to the prompt's length, then pads with zeros
         return [h[None].to(self.dtype) for h in hidden]
 

@@ -292,7 +292,9 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """One modulated norm over [video ; text], attention and GELU MLP side by side, one output projection."""
+    """One modulated norm over [video ; text], attention and GELU MLP side by side, one output projection. The
+    blocks pass [video ; text] on as one tensor (same values as diffusers' split and re-concatenation, and the
+    same memory layout at every block, which regional compilation needs)."""
 
     def __init__(self, cfg: HunyuanVideoTransformerConfig, dim: int):
         super().__init__()
@@ -302,15 +304,13 @@ class SingleStreamBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, mlp_dim)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
-    def forward(self, x, text, temb, temb_first, mask, cos, sin, first):
-        L = x.shape[1]
-        xt = torch.cat([x, text], dim=1)  # (B, L+T, D)
+    def forward(self, xt, temb, temb_first, mask, cos, sin, first, video_len):
+        """xt = [video ; text] (B, L+T, D), video_len = L -> (B, L+T, D)."""
         shift, scale, gate = self.norm(temb, temb_first)  # (B, K, D) each; the text takes row K-1
         h = modulate(layer_norm(xt), shift, scale, first)
         mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        attn = self.attn(h, None, mask, cos, sin, L)
-        xt = xt + gated(self.proj_out(torch.cat([attn, mlp], dim=2)), gate, first)
-        return xt[:, :L], xt[:, L:]
+        attn = self.attn(h, None, mask, cos, sin, video_len)
+        return xt + gated(self.proj_out(torch.cat([attn, mlp], dim=2)), gate, first)
 
 
 class PatchEmbed(nn.Module):
@@ -371,8 +371,12 @@ class HunyuanVideoTransformer(nn.Module):
         mask = (torch.arange(L + T, device=x.device)[None, :] < lengths[:, None])[:, None, None, :]
 
         first = h * w  # tokens of the first latent frame
-        for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
+        for block in self.transformer_blocks:
             x, text = block(x, text, temb, temb_first, mask, cos, sin, first)
+        xt = torch.cat([x, text], dim=1)  # (B, L+T, D)
+        for block in self.single_transformer_blocks:
+            xt = block(xt, temb, temb_first, mask, cos, sin, first, L)
+        x = xt[:, :L]
 
         scale, shift = self.norm_out(temb)  # (B, 1, D) each
         x = self.proj_out(modulate(layer_norm(x), shift, scale, first))  # (B, L, C_out*pt*p*p)
