@@ -242,15 +242,17 @@ class Ulysses(WholeSequence):
         [video ; text]; every video key is visible). -> (B, S, N*Dh), as `attend`."""
         S = q.shape[2]
         t0, t1 = (S, S) if text is None else text.indices(S)[:2]
-        text_first = t0 == 0 and t1 > 0
-        qkv = torch.stack([q, k, v])  # (3, B, N, S, Dh)
-        video = self.to_heads(torch.cat([qkv[..., :t0, :], qkv[..., t1:, :]], dim=3))  # (3, B, N/K, L, Dh)
-        n = q.shape[1] // self.ranks
-        words = qkv[:, :, self.index * n:(self.index + 1) * n, t0:t1]  # (3, B, N/K, T, Dh): my heads of the text
-        joint = torch.cat([words, video] if text_first else [video, words], dim=3)
+        T, first = t1 - t0, t0 == 0 and t1 > 0  # text tokens, and whether they lead
+        if T and not first and t1 != S:
+            raise ValueError("the text tokens of a joint attention must lead or trail the sequence")
+        joint = self.to_heads([x[:, :, T:] if first else x[:, :, :t0] for x in (q, k, v)])  # (3, B, N/K, L, Dh)
+        if T:
+            n = q.shape[1] // self.ranks  # my heads of the text tokens: (3, B, N/K, T, Dh)
+            words = torch.stack([x[:, self.index * n:(self.index + 1) * n, t0:t1] for x in (q, k, v)])
+            joint = torch.cat([words, joint] if first else [joint, words], dim=3)
         out = attend(*joint, mask)  # (B, T+L or L+T, N/K*Dh)
-        T, L = t1 - t0, out.shape[1] - (t1 - t0)
-        out_words, out_video = (out[:, :T], out[:, T:]) if text_first else (out[:, L:], out[:, :L])
+        L = out.shape[1] - T
+        out_words, out_video = (out[:, :T], out[:, T:]) if first else (out[:, L:], out[:, :L])
         out_video = self.to_tokens(out_video)  # (B, this rank's tokens, N*Dh)
         if T == 0:
             return out_video
@@ -258,13 +260,14 @@ class Ulysses(WholeSequence):
         with collective("gathering the text tokens' attention heads"):
             dist.all_gather(heads, out_words.contiguous(), group=self.group)
         out_words = torch.cat(heads, dim=-1)  # (B, T, N*Dh)
-        return torch.cat([out_words, out_video] if text_first else [out_video, out_words], dim=1)
+        return torch.cat([out_words, out_video] if first else [out_video, out_words], dim=1)
 
-    def to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(3, B, N, my tokens, Dh) -> (3, B, N/K, L, Dh), L in (f, h, w) order: all-to-all, heads for tokens."""
+    def to_heads(self, qkv: list[torch.Tensor]) -> torch.Tensor:
+        """q, k, v (B, N, my tokens, Dh) -> (3, B, N/K, L, Dh), L in (f, h, w) order: all-to-all, heads for
+        tokens."""
         (f, h, w), K = self.grid, self.ranks
         counts = [f * (b - a) * w for a, b in self.spans]
-        send = x.unflatten(2, (K, -1)).movedim(2, 0).contiguous()  # (K, 3, B, N/K, mine, Dh): piece r -> rank r
+        send = torch.stack([x.unflatten(1, (K, -1)).movedim(1, 0) for x in qkv], dim=1)  # (K, 3, B, N/K, mine, Dh)
         per_token = send[0, ..., :1, :].numel()
         received = send.new_empty(per_token * sum(counts))
         with collective("the sequence-parallel all-to-all"):
@@ -332,10 +335,10 @@ def together(fn, *args, group=None):
     errors = [None] * dist.get_world_size(group)
     with collective("checking the inputs with the other ranks"):
         dist.all_gather_object(errors, error, group=group)
-    for rank, message in enumerate(errors):
+    for index, message in enumerate(errors):
         if message is not None:
-            rank = dist.get_global_rank(group or dist.group.WORLD, rank)
-            raise ValueError(message if message == error else f"rank {rank}: {message}")
+            who = dist.get_global_rank(group or dist.group.WORLD, index)
+            raise ValueError(message if message == error else f"rank {who}: {message}")
     return result
 
 

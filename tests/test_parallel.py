@@ -97,12 +97,16 @@ def single(folder: Path, call: dict, groups: int = 1) -> torch.Tensor:
 def run_jobs(ranks: int, jobs: list, tiny: dict, tmp_path: Path) -> None:
     """Run the jobs on `ranks` processes; each job's frames on every rank must equal the single process's."""
     for k, job in enumerate(jobs):
-        job.update(folder=str(tiny[job["model"]]), out=str(tmp_path / f"job{k}"))
+        job.update(folder=str(tiny.get(job.get("model"))), out=str(tmp_path / f"job{k}"))
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     results = launch(ranks, [str(WORKER), str(tmp_path / "jobs.json")], tmp_path)
     for code, out, err in results:
         assert code == 0, err[-3000:]
     for job in jobs:
+        if job.get("hook"):
+            for r in range(ranks):  # every rank's share of the joint attention equals the whole one's
+                assert torch.load(f"{job['out']}.rank{r}.pt") == {"text last": 0.0, "text first": 0.0}
+            continue
         K = job.get("sequence_parallel", 1)
         name = f"{job['model']} G={ranks // K} K={K} alg={bool(job['call'].get('alg'))}"
         frames = [torch.load(f"{job['out']}.rank{r}.pt") for r in range(ranks)]
@@ -131,6 +135,7 @@ def test_three_ranks_uneven_rows_and_a_spare_group(tiny, tmp_path):
     run_jobs(3, [
         {"model": "wan3", "call": dict(CALL, alg=ALG["wan"])},  # 3 groups; two-pass steps leave one spare
         {"model": "wan3", "call": CALL, "sequence_parallel": 3},  # CFG only; 4 patch rows: 1, 1, 2
+        {"hook": True},  # the attention hook alone, with HunyuanVideo's [video ; text] and a key mask
     ], tiny, tmp_path)
 
 
