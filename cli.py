@@ -5,6 +5,9 @@ The authors' command line works unchanged:
 plus our own flags (--seed, --device, --model, --negative_prompt, --dtype, size and step overrides, ...) and the
 subcommands in SUBCOMMANDS (`python cli.py --help` lists them, `python cli.py SUB --help` explains each).
 
+Under torchrun every command that makes videos runs on all ranks (minialg.parallel: guidance- and
+sequence-parallel, `--sequence_parallel K`; `batch` shares the manifest's lines out); only rank 0 writes.
+
 The output's extension picks its format (.mp4, .mkv: H.264; .webm: VP9; .gif); any other is refused before
 any compute. Ctrl-C (SIGINT) or SIGTERM during a run prints one line ("interrupted after step i of n; nothing
 written"), removes every partial or temporary file and exits with status 130 (SIGINT) or 143 (SIGTERM), the
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 import minialg
-from minialg import checkpoint, media
+from minialg import checkpoint, media, parallel
 from minialg.config import bucket_size, load_config
 from minialg.demo import FAMILIES
 from minialg.pipeline import pipeline_class, settle
@@ -35,6 +38,7 @@ SUBCOMMANDS = {  # name -> one line for the top-level help
     "bench": "benchmarks: the denoiser at real size (CUDA), whole runs against diffusers (CPU)",
     "motion": "measure a video's motion: optical flow, dynamic degree, motion and residual spectra, fidelity",
     "compare": "one run with ALG and one without (same seed): videos, motion reports, report.html",
+    "batch": "one video per line of a JSONL manifest: resumable, failures logged, lines shared over torchrun ranks",
 }
 FAMILY_OPTIONS = ("guidance_scale_2", "true_cfg_scale", "i2v_stable")  # generation keys only some families take (checked before the model loads)
 OVERRIDES = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")  # run flags over the config
@@ -67,44 +71,65 @@ def default_device() -> str:
 def run_settings(args) -> tuple:
     """The config with the command line's overrides, checked: (config, model folder, image, generation kwargs,
     seed)."""
-    config = load_config(args.config)
+    config, generation, seed = run_config(args, load_config(args.config))
     model = args.model or config.model
     if not model:
         raise ValueError("no model: set model.path in the config or pass --model")
+    image = media.load_image(args.image_path)  # every input checked before the model is loaded
+    if config.resolution:  # HunyuanVideo's video.resolution: the bucket closest to the image's aspect ratio
+        size = dict(zip(("height", "width"), bucket_size(config.resolution, *image.shape[:2])))
+        generation.update({k: v for k, v in size.items() if getattr(args, k) is None})  # flags still win
+    folder = checkpoint.resolve(model)
+    check_generation(folder, config, generation)
+    return config, folder, image, generation, seed
+
+
+def run_config(args, config) -> tuple:
+    """The config with the command line's overrides: (config, generation kwargs, seed)."""
     generation = dict(config.generation)
     seed = args.seed if args.seed is not None else generation.pop("seed", 42)
     generation.pop("seed", None)
     if args.negative_prompt is not None:
         generation["negative_prompt"] = args.negative_prompt
-    image = media.load_image(args.image_path)  # every input checked before the model is loaded
-    if config.resolution:  # HunyuanVideo's video.resolution: the bucket closest to the image's aspect ratio
-        generation["height"], generation["width"] = bucket_size(config.resolution, *image.shape[:2])
     for name in OVERRIDES:
         if getattr(args, name) is not None:
             generation[name] = getattr(args, name)
     if args.fps is not None:
         config.fps = args.fps
-    folder = checkpoint.resolve(model)
+    return config, generation, seed
+
+
+def check_generation(folder: Path, config, generation: dict) -> None:
+    """The run's settings against the checkpoint's defaults and the family's own keywords, before the model is
+    loaded."""
     family, common = pipeline_class(folder), OVERRIDES + ("max_sequence_length", "use_dynamic_cfg")
     run = settle(family.defaults_of(folder), alg=config.alg, **{k: v for k, v in generation.items() if k in common})
     family.settle_options(folder, run, **{k: v for k, v in generation.items() if k in FAMILY_OPTIONS})
-    return config, folder, image, generation, seed
 
 
-def load_pipeline(args, folder, config) -> "minialg.Pipeline":
+def load_pipeline(args, folder, config, data_parallel: bool = False) -> "minialg.Pipeline":
     return minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
-                        offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks)
+                        offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks,
+                        sequence_parallel=args.sequence_parallel, data_parallel=data_parallel)
 
 
-def generate(args) -> None:
+def generate_settings(args) -> tuple:
     output = Path(args.output_path)
     media.video_format(output)  # an extension we cannot write fails before any compute
     if not output.parent.is_dir():
         raise ValueError(f"output folder does not exist: {output.parent}")
-    config, folder, image, generation, seed = run_settings(args)
+    return run_settings(args)
+
+
+def generate(args) -> None:
+    parallel.join(args.device or default_device())  # under torchrun: all ranks meet before checking the inputs
+    config, folder, image, generation, seed = parallel.together(generate_settings, args)  # one rank's error: all
+    output = Path(args.output_path)
     start = time.perf_counter()
     pipe = status.pipe = load_pipeline(args, folder, config)
     frames = pipe(image, args.prompt, seed=seed, alg=config.alg, **generation)
+    if not pipe.layout.writes:
+        return
     media.write_video(frames, output, fps=config.fps)
     status.written.append(str(output))
     times = ", ".join(f"{k} {v:.1f}s" for k, v in pipe.timings.items())
@@ -115,7 +140,13 @@ def generate(args) -> None:
 def compare(args) -> None:
     from minialg.comparison import compare as run_compare, summary
 
-    config, folder, image, generation, seed = run_settings(args)
+    parallel.join(args.device or default_device())
+    config, folder, image, generation, seed = parallel.together(run_settings, args)
+    if parallel.rank() != 0:  # under torchrun the other ranks compute with rank 0 and write nothing
+        with tempfile.TemporaryDirectory() as scratch:
+            run_compare(image, args.prompt, scratch, config=config, model=folder, seed=seed, generation=generation,
+                        load=lambda: load_pipeline(args, folder, config), status=status)
+        return
     report = run_compare(image, args.prompt, args.output_dir, config=config, model=folder, seed=seed,
                          generation=generation, load=lambda: load_pipeline(args, folder, config), status=status)
     print(summary(report, args.output_dir))
@@ -157,17 +188,24 @@ def demo(args) -> None:
         start = time.perf_counter()
         frames = pipe(demo_image(), "a red ball bouncing", num_frames=17, height=64, width=96,
                       num_inference_steps=args.steps, seed=args.seed, alg=load_config(f"{args.family}_alg").alg)
+        if not pipe.layout.writes:
+            return
         media.write_video(frames, Path(args.output_path), fps=16)
         status.written.append(args.output_path)
     print(f"wrote {args.output_path}: {frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
           f"{args.steps} steps with ALG in {time.perf_counter() - start:.1f}s")
 
 
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of a run: the authors' (--config, --image_path, --prompt) and ours."""
-    parser.add_argument("--config", required=True, help="YAML run config, or a preset name (wan_alg, ...)")
-    parser.add_argument("--image_path", required=True)
-    parser.add_argument("--prompt", required=True)
+def add_run_flags(parser: argparse.ArgumentParser, one_video: bool = True) -> None:
+    """The flags of a run: the authors' (--config, --image_path, --prompt) and ours. `batch` reads the image
+    and prompt from its manifest, and its config defaults to the model family's ALG preset."""
+    if one_video:
+        parser.add_argument("--config", required=True, help="YAML run config, or a preset name (wan_alg, ...)")
+        parser.add_argument("--image_path", required=True)
+        parser.add_argument("--prompt", required=True)
+    else:
+        parser.add_argument("--config", default=None, help="YAML run config or preset name (default: the "
+                            "model's ALG preset, wan_alg or cogvideox_alg; then --model is needed)")
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--seed", type=int, default=None, help="default: the config's, else 42 (as the authors)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -182,6 +220,9 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--stream_blocks", action="store_true",
                         help="keep transformer blocks in CPU memory, stream them to the GPU one at a time")
+    parser.add_argument("--sequence_parallel", type=int, default=1, metavar="K",
+                        help="under torchrun: split each pass's video tokens over K ranks (Ulysses); the world "
+                             "size must be K times 1, 2 or 3 (guidance passes shared out)")
     parser.add_argument("--model_cache_dir", default=None, help=argparse.SUPPRESS)  # the authors' flag
 
 
@@ -204,6 +245,13 @@ def subcommand_parser(name: str) -> argparse.ArgumentParser:
     if name == "compare":
         add_run_flags(parser)
         parser.add_argument("--output_dir", required=True, help="folder for the videos, report.json, report.html")
+    if name == "batch":
+        parser.add_argument("manifest", help='JSONL, one video per line: {"id", "image", "prompt", "seed"?, '
+                            '"negative_prompt"?, "overrides"?} (image paths relative to the manifest\'s folder)')
+        parser.add_argument("--output_dir", required=True, help="folder for ID.mp4 and failures.jsonl")
+        parser.add_argument("--format", default="mp4", choices=[e[1:] for e in media.VIDEO_FORMATS],
+                            help="the videos' format")
+        add_run_flags(parser, one_video=False)
     return parser
 
 
@@ -222,6 +270,44 @@ def top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def batch(args) -> None:
+    from minialg import batch as batches
+
+    parallel.join(args.device or default_device())
+    config, folder, items, bad, generation, seed = parallel.together(batch_settings, args)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if parallel.rank() == 0:
+        for record in bad:
+            batches.log_failure(output_dir, record)
+    pipe = status.pipe = load_pipeline(args, folder, config, data_parallel=True)
+    counts = batches.run(pipe, items, output_dir, generation=generation, seed=seed, alg=config.alg, fps=config.fps,
+                         extension=f".{args.format}", status=status)
+    if pipe.layout.writes:
+        who = f"rank {pipe.layout.rank}: " if parallel.launched() else ""
+        failed = counts["failed"] + (len(bad) if parallel.rank() == 0 else 0)
+        print(f"{who}batch: {counts['written']} written, {counts['done']} already there, {failed} failed"
+              + (f" (see {output_dir / 'failures.jsonl'})" if failed else ""))
+
+
+def batch_settings(args) -> tuple:
+    """The run for every line, checked before the model is loaded, and the manifest's lines."""
+    from minialg import batch as batches
+
+    if args.config is None and args.model is None:
+        raise ValueError("batch needs --config or --model")
+    folder = checkpoint.resolve(args.model) if args.model else None
+    config = load_config(args.config or f"{pipeline_class(folder).family}_alg")
+    config, generation, seed = run_config(args, config)
+    if folder is None:
+        if not config.model:
+            raise ValueError("no model: set model.path in the config or pass --model")
+        folder = checkpoint.resolve(config.model)
+    check_generation(folder, config, generation)
+    items, bad = batches.read_manifest(args.manifest)
+    return config, folder, items, bad, generation, seed
+
+
 def interrupted(how: str, code: int) -> int:
     """One line for an interrupted command; partial files were removed on the way out."""
     from tqdm import tqdm
@@ -235,6 +321,8 @@ def interrupted(how: str, code: int) -> int:
     elif status.generating:
         where = " before the first step"
     kept = f"; wrote {', '.join(status.written)} before that" if status.written else "; nothing written"
+    if len(status.written) > 3:
+        kept = f"; wrote {len(status.written)} files before that"
     print(f"{how}{where}{kept}", file=sys.stderr)
     return code
 
@@ -250,17 +338,24 @@ def main(argv=None) -> int:
     else:
         command, args = generate, top_parser().parse_args(argv)
     warnings.formatwarning = lambda message, *_: f"warning: {message}\n"
+    if parallel.rank() != 0:
+        warnings.simplefilter("ignore")  # said once, by rank 0
     global status
-    status = Status(generating=command in (generate, demo, compare))
+    status = Status(generating=command in (generate, demo, compare, batch))
     handler = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         command(args)
+        parallel.leave(barrier=command is not batch)  # batch ranks finish at their own pace
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+        parallel.leave(ok=False, error=None if isinstance(e, parallel.PeerError) else str(e))
+        rank = f"rank {parallel.rank()}: " if parallel.launched() and not str(e).startswith("rank ") else ""
+        print(f"error: {rank}{e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        parallel.leave(ok=False)
         return interrupted("interrupted", 128 + signal.SIGINT)
     except Terminated:
+        parallel.leave(ok=False)
         return interrupted("terminated", 128 + signal.SIGTERM)
     finally:
         if handler is not None:

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import alg as lowpass
-from . import checkpoint, gpu, media
+from . import checkpoint, gpu, media, parallel
 from .sampling import make_solver
 
 
@@ -65,7 +65,7 @@ def check(model) -> list[dict]:
 
 
 def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool | None = None, compile: bool = False,
-         stream_blocks: bool = False) -> "Pipeline":
+         stream_blocks: bool = False, sequence_parallel: int = 1, data_parallel: bool = False) -> "Pipeline":
     """Load a checkpoint folder (diffusers' layout) or hub repo id into a ready-to-call pipeline.
 
     The denoiser runs in `dtype`; the other components as the authors run them (Pipeline.dtype_of): Wan's VAE and
@@ -75,8 +75,13 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool |
     `compile` compiles each transformer block (regional torch.compile); `stream_blocks` keeps the transformer's
     blocks in CPU memory and streams them to `device` one at a time (minialg.gpu), for small GPUs. Where a
     checkpoint has two denoisers (Wan 2.2 A14B), the one not in use waits in CPU memory.
+
+    Under torchrun the pipeline joins the process group and shares each call's work among the ranks
+    (minialg.parallel): the video tokens over `sequence_parallel` ranks, a step's guidance passes over the
+    groups of them; every rank returns the same frames. With `data_parallel` the groups make separate videos.
     """
     device = gpu.check_device(device)  # fail in one line when the device is not usable here
+    layout, device = parallel.setup(device, sequence_parallel, data_parallel)  # device: this rank's own
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
@@ -86,6 +91,8 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool |
     cls = pipeline_class(folder)
     if offload_encoders is None:
         offload_encoders = cls.offload_by_default(device)
+    parallel.check_heads(layout, {sub: checkpoint.read_json(folder / sub / "config.json")["num_attention_heads"]
+                                  for sub in cls.components_of(folder) if sub.startswith("transformer")})
     encoder_device = torch.device("cpu") if offload_encoders else device
     modules = {}
     for sub, (model_cls, config_cls) in cls.components_of(folder).items():
@@ -98,7 +105,7 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool |
             gpu.stream_blocks(modules[sub], device)
         if compile:
             gpu.compile_blocks(modules[sub])
-    return cls(folder, modules, device, encoder_device, dtype, streamed=stream_blocks)
+    return parallel.apply(cls(folder, modules, device, encoder_device, dtype, streamed=stream_blocks), layout)
 
 
 class Pipeline:
@@ -107,6 +114,7 @@ class Pipeline:
     dtypes: dict = {}  # components that keep their own dtype
     family: str  # the ALG family rule (alg.three_pass)
     two_pass_filters: bool  # whether the CFG passes of a step without the ALG batch see c_lp (True) or c
+    layout = parallel.Layout()  # this process's place among the ranks (load sets it under torchrun)
 
     def __init__(self, folder: Path, modules: dict, device: torch.device, encoder_device: torch.device,
                  dtype: torch.dtype, streamed: bool = False):
@@ -161,6 +169,7 @@ class Pipeline:
         self.progress = (0, steps)  # (solver steps done, steps): read by the CLI when a run is interrupted
         cfg, use_alg = run["cfg"], alg.enabled  # cfg: real classifier-free guidance (negative passes)
         dynamic_cfg = use_dynamic_cfg and not use_alg  # the reference ignores it while ALG is on
+        parallel.check_passes(self.layout, cfg, use_alg)  # enough passes per step for the guidance groups
         pixels = media.load_image(image)  # fail on a bad image before any compute
         self.timings.clear()
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -180,7 +189,7 @@ class Pipeline:
 
         with self._timer("denoise"):
             for i, t in enumerate(tqdm(solver.timesteps.to(self.device), desc="denoising", unit="step",
-                                       disable=not progress, leave=False)):
+                                       disable=not (progress and self.layout.writes), leave=False)):
                 model, w = self.denoiser_at(timesteps[i], run)  # the step's denoiser and guidance scale
                 s = lowpass.strength(alg, i, steps) if use_alg else 0.0
                 if use_alg and cfg and lowpass.three_pass(alg, s, self.family):

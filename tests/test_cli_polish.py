@@ -217,7 +217,7 @@ def test_an_interrupt_while_loading_says_so(tmp_path, tiny, image, capsys, monke
 def test_top_level_help_lists_every_subcommand_and_each_has_its_own_help(capsys):
     out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--config" in out.stdout and "--output_path" in out.stdout
-    assert set(cli.SUBCOMMANDS) == {"check", "download", "demo", "bench", "motion", "compare"}
+    assert set(cli.SUBCOMMANDS) == {"check", "download", "demo", "bench", "motion", "compare", "batch"}
     for name, line in cli.SUBCOMMANDS.items():
         assert f"  {name}" in out.stdout and line in out.stdout, name
         with pytest.raises(SystemExit) as done:

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .wan import WHOLE
+
 
 @dataclass
 class CogVideoXTransformerConfig:
@@ -215,6 +217,8 @@ class LayerNormZero(nn.Module):
 class JointAttention(nn.Module):
     """Self-attention over [text ; video]: q/k LayerNorm per head, rotary positions on the video queries/keys."""
 
+    sequence = WHOLE  # the attention hook (minialg.parallel sets a sequence-parallel one on the instance)
+
     def __init__(self, cfg: CogVideoXTransformerConfig, dim: int):
         super().__init__()
         self.heads = cfg.num_attention_heads
@@ -235,8 +239,7 @@ class JointAttention(nn.Module):
         if cos is not None:
             q = torch.cat([q[:, :, :text_len], apply_rope(q[:, :, text_len:], cos, sin)], dim=2)
             k = torch.cat([k[:, :, :text_len], apply_rope(k[:, :, text_len:], cos, sin)], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, N, T+L, Dh)
-        return self.to_out[0](out.transpose(1, 2).flatten(2))
+        return self.to_out[0](self.sequence.attend(q, k, v, text=slice(0, text_len)))  # (B, T+L, D)
 
 
 class GeluLinear(nn.Module):
@@ -311,6 +314,7 @@ class CogVideoXTransformer(nn.Module):
     """Predicts the denoiser output for a CogVideoX video latent, given timestep and T5 text embeddings."""
 
     fp32_params: tuple[str, ...] = ()  # diffusers keeps no CogVideoX module in float32
+    sequence = WHOLE  # where the video tokens live (minialg.parallel: split over ranks)
 
     def __init__(self, cfg: CogVideoXTransformerConfig):
         super().__init__()
@@ -384,12 +388,13 @@ class CogVideoXTransformer(nn.Module):
         cos = sin = None
         if cfg.use_rotary_positional_embeddings:
             cos, sin = rope_cos_sin(cfg, f, h, w, x.device)  # (L, Dh/2) each
+        video, cos, sin = self.sequence.split((f, h, w), video, cos, sin)  # sequence parallel: this rank's rows
 
         for block in self.transformer_blocks:
             video, text = block(video, text, temb, cos, sin)
 
         video = self.norm_out(self.norm_final(video), temb)
-        video = self.proj_out(video)  # (B, L, pt*p*p*C_out)
+        video = self.sequence.join(self.proj_out(video), (f, h, w))  # (B, L, pt*p*p*C_out)
         return rearrange(
             video, "b (f h w) (c pf ph pw) -> b (f pf) c (h ph) (w pw)", f=f, h=h, w=w, pf=pt, ph=p, pw=p
         )

@@ -95,6 +95,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2).type_as(q)
 
 
+class WholeSequence:
+    """Where a transformer's video tokens live: here, all of them on this process. The transformers route their
+    token sequence through these three hooks; minialg.parallel swaps in a sequence-parallel version (Ulysses)."""
+
+    def split(self, grid: tuple[int, int, int], *tensors):
+        """Per-token tensors (..., L, C) in (f, h, w) order -> this process's share of them (None stays None)."""
+        return tensors
+
+    def join(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """This process's output tokens (B, share, C) -> all of them (B, L, C)."""
+        return x
+
+    def attend(self, q, k, v, mask=None, text: slice | None = None) -> torch.Tensor:
+        """Self-attention over the whole sequence, as `attend`; `text` marks where S holds the text tokens of a
+        joint [text ; video] or [video ; text] attention (they are not split)."""
+        return attend(q, k, v, mask)
+
+
+WHOLE = WholeSequence()
+
+
 class MLP(nn.Module):
     """linear_1 -> activation -> linear_2 (time and text embedders)."""
 
@@ -185,6 +206,8 @@ class ConditionEmbedder(nn.Module):
 class SelfAttention(nn.Module):
     """Attention among video tokens, with q/k RMS-normalised across all heads and rotary positions."""
 
+    sequence = WHOLE  # the attention hook (minialg.parallel sets a sequence-parallel one on the instance)
+
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
         self.heads = heads
@@ -199,12 +222,13 @@ class SelfAttention(nn.Module):
         q = apply_rope(split_heads(self.norm_q(self.to_q(x)), self.heads), cos, sin)  # (B, N, L, Dh)
         k = apply_rope(split_heads(self.norm_k(self.to_k(x)), self.heads), cos, sin)
         v = split_heads(self.to_v(x), self.heads)
-        return self.to_out[0](attend(q, k, v))  # (B, L, D)
+        return self.to_out[0](self.sequence.attend(q, k, v))  # (B, L, D)
 
 
 class CrossAttention(SelfAttention):
     """Video tokens attend to the text and, in a second softmax, to the image tokens; the two are summed.
-    The same projections and norms as self-attention, plus the image's own k/v projections and k norm."""
+    The same projections and norms as self-attention, plus the image's own k/v projections and k norm.
+    Each query needs only the text and image: no hook, whatever share of the video tokens is here."""
 
     def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None):
         super().__init__(dim, heads, eps)
@@ -277,6 +301,7 @@ class WanTransformer(nn.Module):
     # parameters that stay float32 when the model runs in bf16: those with one of these as a dot-separated
     # part of their name (diffusers' _keep_in_fp32_modules; the norms and the time MLP)
     fp32_params: tuple[str, ...] = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+    sequence = WHOLE  # where the video tokens live (minialg.parallel: split over ranks)
 
     def __init__(self, cfg: WanTransformerConfig):
         super().__init__()
@@ -305,6 +330,7 @@ class WanTransformer(nn.Module):
         cos, sin = rope_cos_sin(self.config.attention_head_dim, f, h, w, x.device)  # (L, Dh/2) each
 
         x = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
+        x, cos, sin = self.sequence.split((f, h, w), x, cos, sin)  # sequence parallel: this rank's patch rows
         temb, modulation, text, image = self.condition_embedder(timestep, text, image)
         for block in self.blocks:
             x = block(x, text, image, modulation, cos, sin)
@@ -312,7 +338,7 @@ class WanTransformer(nn.Module):
         shift, scale = (self.scale_shift_table + temb[:, :, None]).unsqueeze(-2).unbind(-3)  # (B, F|1, 1, D) each
         by_frame = x.unflatten(1, (temb.shape[1], -1))  # (B, F|1, L/(F|1), D)
         x = (fp32_layer_norm(by_frame, self.config.eps) * (1 + scale) + shift).flatten(1, 2).type_as(x)
-        x = self.proj_out(x)  # (B, L, pf*ph*pw*C_out)
+        x = self.sequence.join(self.proj_out(x), (f, h, w))  # (B, L, pf*ph*pw*C_out)
         return rearrange(
             x, "b (f h w) (pf ph pw c) -> b c (f pf) (h ph) (w pw)", f=f, h=h, w=w, pf=pf, ph=ph, pw=pw
         )
