@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from minialg.models.wan import MLP, FeedForward, apply_rope, attend, split_heads, timestep_sinusoid
+from minialg.models.wan import WHOLE, MLP, FeedForward, apply_rope, attend, split_heads, timestep_sinusoid
 
 TIME_FREQ_DIM = 256  # sinusoid width of the timestep and guidance embeddings
 EPS = 1e-6  # every norm in the model
@@ -220,6 +220,8 @@ class JointAttention(nn.Module):
     Double-stream blocks give the text its own projections (`add_*`, `to_add_out`) and both streams an output
     projection; single-stream blocks project [video ; text] with one set and have no output projection."""
 
+    sequence = WHOLE  # the attention hook (minialg.parallel sets a sequence-parallel one on the instance)
+
     def __init__(self, dim: int, heads: int, head_dim: int, double_stream: bool):
         super().__init__()
         self.heads = heads
@@ -257,7 +259,8 @@ class JointAttention(nn.Module):
             tq, tk, tv = self.qkv(text, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q,
                                   self.norm_added_k)
             q, k, v = torch.cat([q, tq], dim=1), torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1)
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, L+T, D)
+        out = self.sequence.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                                   text=slice(L, None))  # (B, L+T, D)
         if text is None:
             return out
         return self.to_out[0](out[:, :L]), self.to_add_out(out[:, L:])
@@ -327,6 +330,8 @@ class HunyuanVideoTransformer(nn.Module):
     """Predicts the flow-matching velocity of a video latent from timestep, LLaMA text states (with their mask),
     the CLIP pooled text and, for guidance-distilled checkpoints, the guidance scale."""
 
+    sequence = WHOLE  # where the video tokens live (minialg.parallel: split over ranks)
+
     # diffusers keeps no parameter of this model in float32 (no _keep_in_fp32_modules); in bf16 runs only the
     # RMS statistics, rotary math, sinusoids, the refiner's masked mean and the softmax run in float32
     fp32_params: tuple[str, ...] = ()
@@ -356,7 +361,6 @@ class HunyuanVideoTransformer(nn.Module):
         pt, p = cfg.patch_size_t, cfg.patch_size
         f, h, w = x.shape[2] // pt, x.shape[3] // p, x.shape[4] // p
         cos, sin = rope_cos_sin(cfg.rope_axes_dim, cfg.rope_theta, f, h, w, x.device)  # (L, Dh/2) each
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads of (B, L, N, Dh/2)
 
         temb = self.time_text_embed(timestep, pooled, guidance if cfg.guidance_embeds else None)  # (B, D)
         temb_first = None  # token_replace: the first frame's conditioning, timestep 0 and no guidance
@@ -370,7 +374,9 @@ class HunyuanVideoTransformer(nn.Module):
         lengths = L + text_mask.sum(dim=1, dtype=torch.int)  # (B,)
         mask = (torch.arange(L + T, device=x.device)[None, :] < lengths[:, None])[:, None, None, :]
 
-        first = h * w  # tokens of the first latent frame
+        x, cos, sin = self.sequence.split((f, h, w), x, cos, sin)  # this process's video tokens (all: WHOLE)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads of (B, L, N, Dh/2)
+        L, first = x.shape[1], x.shape[1] // f  # video tokens here, those of the first latent frame
         for block in self.transformer_blocks:
             x, text = block(x, text, temb, temb_first, mask, cos, sin, first)
         xt = torch.cat([x, text], dim=1)  # (B, L+T, D)
@@ -380,4 +386,5 @@ class HunyuanVideoTransformer(nn.Module):
 
         scale, shift = self.norm_out(temb)  # (B, 1, D) each
         x = self.proj_out(modulate(layer_norm(x), shift, scale, first))  # (B, L, C_out*pt*p*p)
+        x = self.sequence.join(x, (f, h, w))  # all video tokens
         return rearrange(x, "b (f h w) (c pt ph pw) -> b c (f pt) (h ph) (w pw)", f=f, h=h, w=w, pt=pt, ph=p, pw=p)
