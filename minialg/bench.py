@@ -41,8 +41,9 @@ from minialg.checkpoint import config_from, read_json
 from minialg.config import load_config
 from minialg.demo import demo_image, train_tokenizer, write_tiny
 from minialg.models.cogvideox import CogVideoXTransformer, CogVideoXTransformerConfig
+from minialg.models.hunyuan import HunyuanVideoTransformer, HunyuanVideoTransformerConfig
 from minialg.models.wan import WanTransformer, WanTransformerConfig
-from minialg.flops import cogvideox_flops, wan_flops
+from minialg.flops import cogvideox_flops, hunyuan_flops, wan_flops
 from minialg.gpu import blocks_of, compile_blocks, stream_blocks
 from minialg.profiling import (host_sync, matmul_tflops, measure, peak_memory_gib, reset_peak_memory, sdpa_kernels_ran,
                                sdpa_order, sig)
@@ -108,6 +109,7 @@ DENOISERS = {  # family -> (module, config class, checkpoint folder in real_conf
     "wan22": (WanTransformer, WanTransformerConfig, "Wan2.2-I2V-A14B-Diffusers"),  # each of the two experts
     "wan22_ti2v": (WanTransformer, WanTransformerConfig, "Wan2.2-TI2V-5B-Diffusers"),
     "cogvideox": (CogVideoXTransformer, CogVideoXTransformerConfig, "CogVideoX-5b-I2V"),
+    "hunyuan_video": (HunyuanVideoTransformer, HunyuanVideoTransformerConfig, "HunyuanVideo-I2V"),
 }
 SMALL = {  # the CPU stand-ins: the real config with 2 layers, 2 narrow heads, narrow inputs
     "wan": dict(num_attention_heads=2, attention_head_dim=24, num_layers=2, ffn_dim=96, freq_dim=32, text_dim=32,
@@ -117,6 +119,8 @@ SMALL = {  # the CPU stand-ins: the real config with 2 layers, 2 narrow heads, n
                        text_dim=32),
     "cogvideox": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=24,
                       text_embed_dim=32, sample_height=8, sample_width=12, sample_frames=9, max_text_seq_length=16),
+    "hunyuan_video": dict(num_attention_heads=2, attention_head_dim=24, num_layers=2, num_single_layers=2,
+                          rope_axes_dim=[8, 8, 8], text_embed_dim=32, pooled_projection_dim=16),
 }
 def denoiser_config(family: str, small: bool) -> dict:
     """The real transformer config.json of the family, or the small one derived from it."""
@@ -160,6 +164,14 @@ def denoiser_inputs(family: str, cfg, batch: int, small: bool, device, dtype, ge
         if family == "wan22_ti2v":
             timestep = (torch.arange(frames, device=device) > 0) * timestep[:, None]  # (B, F)
         return randn(batch, cfg.in_channels, frames, height, width), timestep, randn(batch, 512, cfg.text_dim), image
+    if family == "hunyuan_video":  # the authors' preset: 129 frames at 360p (16:9 bucket 352x608); 400 text
+        # states (144 image + 256 prompt), every one a prompt token (the mask's worst case); guidance 6.0 x 1000
+        frames, height, width, length = (3, 6, 10, 7) if small else (33, 44, 76, 400)
+        x = randn(batch, cfg.in_channels, frames, height, width)
+        guidance = torch.full((batch,), 6000.0, device=device, dtype=dtype)
+        mask = torch.ones(batch, length, device=device, dtype=torch.int64)
+        return x, timestep.float(), randn(batch, length, cfg.text_embed_dim), mask, randn(
+            batch, cfg.pooled_projection_dim), guidance
     frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
     x = randn(batch, frames, cfg.in_channels, cfg.sample_height, cfg.sample_width)
     return x, timestep, randn(batch, cfg.max_text_seq_length, cfg.text_embed_dim)
@@ -170,6 +182,8 @@ def denoiser_flops(family: str, cfg, inputs: tuple) -> int:
         x, t, text, image = inputs
         return wan_flops(cfg, tuple(x.shape), text.shape[1], 0 if image is None else image.shape[1],
                          t.shape[1] if t.ndim == 2 else 1)
+    if family == "hunyuan_video":
+        return hunyuan_flops(cfg, tuple(inputs[0].shape), inputs[2].shape[1])
     x, _, text = inputs
     return cogvideox_flops(cfg, tuple(x.shape), text.shape[1])
 
@@ -181,6 +195,10 @@ def attention_lengths(family: str, cfg, inputs: tuple) -> list[tuple[int, int]]:
         pf, ph, pw = cfg.patch_size
         L = x.shape[2] // pf * (x.shape[3] // ph) * (x.shape[4] // pw)
         return [(L, L), (L, text.shape[1])] + ([(L, inputs[3].shape[1])] if inputs[3] is not None else [])
+    if family == "hunyuan_video":  # joint [video ; text], and the token refiner's text alone
+        p, pt, T = cfg.patch_size, cfg.patch_size_t, text.shape[1]
+        S = T + x.shape[2] // pt * (x.shape[3] // p) * (x.shape[4] // p)
+        return [(S, S), (T, T)]
     p, pt = cfg.patch_size, cfg.patch_size_t or 1
     S = text.shape[1] + x.shape[1] // pt * (x.shape[3] // p) * (x.shape[4] // p)
     return [(S, S)]
@@ -196,9 +214,11 @@ def diffusers_denoiser(family: str, config: dict, model: torch.nn.Module, device
     from types import SimpleNamespace
 
     from accelerate import init_empty_weights
-    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel, WanTransformer3DModel
+    from diffusers import (CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel,
+                           HunyuanVideoTransformer3DModel, WanTransformer3DModel)
 
     ref_cls = WanTransformer3DModel if family.startswith("wan") else CogVideoXTransformer3DModel
+    ref_cls = HunyuanVideoTransformer3DModel if family == "hunyuan_video" else ref_cls
     with init_empty_weights(include_buffers=False):  # parameters on meta; constant buffers computed on the CPU
         ref = ref_cls(**{k: v for k, v in config.items() if not k.startswith("_")})
     ref.load_state_dict(model.state_dict(), strict=True, assign=True)
@@ -209,6 +229,9 @@ def diffusers_denoiser(family: str, config: dict, model: torch.nn.Module, device
             return ref(x, t, text, encoder_hidden_states_image=image, return_dict=False)[0]
 
         return ref, call
+    if family == "hunyuan_video":
+        return ref, lambda x, t, text, mask, pooled, guidance: ref(
+            x, t, text, mask, pooled, guidance=guidance, return_dict=False)[0]
 
     rotary = {}  # per latent shape, made once as the pipeline does before its loop
 
@@ -241,7 +264,7 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
     inputs = {b: denoiser_inputs(family, cfg, b, small, device, dtype, generator) for b in args.batches}
     first = inputs[args.batches[0]]
     order, probe = sdpa_order(attention_lengths(family, cfg, first), cfg.num_attention_heads, cfg.attention_head_dim,
-                              device, dtype)
+                              device, dtype, masked=family == "hunyuan_video")
     # the fastest alone: it ran every attention shape of the model in the probe. (A priority list is not enough:
     # the CPU dispatcher ignores the order and takes flash attention whenever it is allowed.)
     backends = sdpa_kernel(order[:1])
@@ -291,7 +314,7 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
                 report["streamed_recompiles"] = compiled_graphs() - graphs_before
     del model, inputs, outputs, first
     gc.collect()
-    if args.run_steps:
+    if args.run_steps and (small or family != "hunyuan_video"):  # (no tokenizer with the published ids here)
         report["whole_run"] = whole_run(family, device, dtype, small, args.run_steps, args, order)
     return report
 

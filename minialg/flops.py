@@ -6,6 +6,7 @@ elementwise work (norms, RoPE, softmax, GELU, modulation) is counted by neither.
 """
 
 from .models.cogvideox import CogVideoXTransformerConfig
+from .models.hunyuan import HunyuanVideoTransformerConfig
 from .models.wan import WanTransformerConfig
 
 
@@ -46,3 +47,29 @@ def cogvideox_flops(cfg: CogVideoXTransformerConfig, x_shape: tuple, text_len: i
     macs += cfg.num_layers * block + E * 2 * D + L * D * p * p * pt * cfg.out_channels  # blocks, norm_out, head
     ofs = 2 * cfg.ofs_embed_dim**2 if cfg.ofs_embed_dim else 0  # 1.5 I2V: the ofs MLP, batch 1
     return 2 * (B * macs + ofs)
+
+
+def hunyuan_flops(cfg: HunyuanVideoTransformerConfig, x_shape: tuple, text_len: int) -> int:
+    """FLOPs of one HunyuanVideoTransformer forward on x of shape (B, C, F, H, W) with text_len LLaMA states:
+    patch embedding, the conditioning MLPs (timestep, guidance, pooled text; token_replace embeds the first
+    frame's timestep 0 too), the token refiner, the adaLN projections (token_replace: a row for the first frame),
+    double-stream blocks (video and text projections, joint attention over [video ; text], both MLPs), single-
+    stream blocks (one projection of [video ; text], attention, MLP side by side), output head."""
+    B, _, frames, height, width = x_shape
+    pt, p = cfg.patch_size_t, cfg.patch_size
+    L, T = frames // pt * (height // p) * (width // p), text_len
+    S, D, M = L + T, cfg.num_attention_heads * cfg.attention_head_dim, int(cfg.num_attention_heads *
+                                                                            cfg.attention_head_dim * cfg.mlp_ratio)
+    rows = 2 if cfg.image_condition_type == "token_replace" else 1  # adaLN rows of the video tokens
+    time = 256 * D + D * D  # one sinusoid MLP (timestep or guidance)
+    macs = L * cfg.in_channels * pt * p * p * D  # patch embedding
+    macs += time * (2 if cfg.guidance_embeds else 1) + cfg.pooled_projection_dim * D + D * D  # conditioning
+    if rows == 2:
+        macs += time + cfg.pooled_projection_dim * D + D * D  # the first frame's, at timestep 0
+    macs += time + cfg.text_embed_dim * D + D * D + T * cfg.text_embed_dim * D  # refiner conditioning, proj_in
+    macs += cfg.num_refiner_layers * (D * 2 * D + 4 * T * D * D + 2 * T * T * D + 8 * T * D * D)  # refiner blocks
+    double = D * 6 * D * (rows + 1) + 4 * S * D * D + 2 * S * S * D + 2 * S * D * M  # adaLN, qkvo, attention, MLPs
+    single = D * 3 * D * rows + 3 * S * D * D + 2 * S * S * D + S * D * M + S * (D + M) * D
+    macs += cfg.num_layers * double + cfg.num_single_layers * single
+    macs += D * 2 * D + L * D * cfg.out_channels * pt * p * p  # output adaLN and head
+    return 2 * B * macs

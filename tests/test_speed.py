@@ -21,6 +21,9 @@ CASES = {  # name -> (family, config): the bench's small configs, and a CogVideo
     "wan22": ("wan22", bench.denoiser_config("wan22", small=True)),
     "wan22_ti2v": ("wan22_ti2v", bench.denoiser_config("wan22_ti2v", small=True)),  # a timestep per latent frame
     "cogvideox": ("cogvideox", bench.denoiser_config("cogvideox", small=True)),
+    "hunyuan_video": ("hunyuan_video", bench.denoiser_config("hunyuan_video", small=True)),
+    "hunyuan_video-latent_concat": ("hunyuan_video", dict(bench.denoiser_config("hunyuan_video", small=True),
+                                                          image_condition_type="latent_concat", in_channels=33)),
     "cogvideox-1.5": ("cogvideox", dict(bench.denoiser_config("cogvideox", small=True), patch_size_t=2,
                                         ofs_embed_dim=24, patch_bias=False, use_learned_positional_embeddings=False,
                                         sample_frames=13)),  # 4 latent frames: 2 temporal patches
@@ -52,7 +55,7 @@ def test_flop_count_equals_torch_flop_counter(case):
     assert bench.denoiser_flops(family, cfg, args) == counter.get_total_flops()
 
 
-@pytest.mark.parametrize("family", ["wan", "wan22", "wan22_ti2v", "cogvideox"])
+@pytest.mark.parametrize("family", ["wan", "wan22", "wan22_ti2v", "cogvideox", "hunyuan_video"])
 def test_flop_count_at_the_real_shape(family):
     """At real size and shape (B=3), run on the meta device: no memory, no compute, the same ops counted."""
     model_cls, config_cls, _ = bench.DENOISERS[family]
@@ -66,6 +69,9 @@ def test_flop_count_at_the_real_shape(family):
             args = (torch.empty(3, 36, 21, 60, 104), torch.empty(3), torch.empty(3, 512, 4096), None)
         elif family == "wan22_ti2v":  # 704x1280, 121 frames, a timestep per latent frame
             args = (torch.empty(3, 48, 31, 44, 80), torch.empty(3, 31), torch.empty(3, 512, 4096), None)
+        elif family == "hunyuan_video":  # 352x608, 129 frames, 400 text states
+            args = (torch.empty(3, 16, 33, 44, 76), torch.empty(3), torch.empty(3, 400, 4096),
+                    torch.ones(3, 400, dtype=torch.int64), torch.empty(3, 768), torch.empty(3))
         else:  # 480x720, 49 frames
             args = (torch.empty(3, 13, 32, 60, 90), torch.empty(3), torch.empty(3, 226, 4096))
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -155,7 +161,7 @@ def test_stream_blocks_with_compiled_blocks():
     assert counters["stats"]["unique_graphs"] == 2
 
 
-@pytest.mark.parametrize("families", [["wan", "cogvideox"], ["wan22", "wan22_ti2v"]])
+@pytest.mark.parametrize("families", [["wan", "cogvideox"], ["wan22", "wan22_ti2v", "hunyuan_video"]])
 def test_bench_denoiser_mode_on_cpu(tmp_path, families):
     """The small configs, B=2 and 3, compiled (eager backend), streamed, against diffusers (float32: the same
     numbers), and the whole-run timing: the report holds every figure, consistent with itself."""
@@ -170,7 +176,8 @@ def test_bench_denoiser_mode_on_cpu(tmp_path, families):
         assert run["small"] and run["device"] == "cpu" and run["compile"]
         assert run["sdpa"]["order"][0] in run["sdpa"]["probe_ms"]
         assert set(run["sdpa"]["ran"]) == {run["sdpa"]["order"][0]}  # the fastest backend is the one that ran
-        assert run["compiled_graphs"] == 2 and run["streamed_recompiles"] == 0
+        kinds = 2 if run["family"] == "hunyuan_video" else 1  # HunyuanVideo: double- and single-stream blocks
+        assert run["compiled_graphs"] == 2 * kinds and run["streamed_recompiles"] == 0  # one per kind and batch
         assert set(run["batches"]) == {"2", "3"}
         model_cls, config_cls, _ = bench.DENOISERS[run["family"]]
         cfg = config_from(config_cls, bench.denoiser_config(run["family"], small=True))
@@ -181,6 +188,8 @@ def test_bench_denoiser_mode_on_cpu(tmp_path, families):
                 image = shapes[3][1] if len(shapes) > 3 else 0
                 timesteps = shapes[1][1] if len(shapes[1]) == 2 else 1
                 assert row["flops"] == bench.wan_flops(cfg, tuple(shapes[0]), shapes[2][1], image, timesteps)
+            elif run["family"] == "hunyuan_video":
+                assert row["flops"] == bench.hunyuan_flops(cfg, tuple(shapes[0]), shapes[2][1])
             else:
                 assert row["flops"] == bench.cogvideox_flops(cfg, tuple(shapes[0]), shapes[2][1])
             assert row["ms"] > 0 and row["tflops"] == pytest.approx(row["flops"] / row["ms"] / 1e9, rel=1e-2)
