@@ -88,7 +88,8 @@ def run_settings(args) -> tuple:
 
 def load_pipeline(args, folder, config) -> "minialg.Pipeline":
     return minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
-                        offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks)
+                        offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks,
+                        cache_cross_attention=not args.no_cache)
 
 
 def generate(args) -> None:
@@ -176,6 +177,8 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--stream_blocks", action="store_true",
                         help="keep transformer blocks in CPU memory, stream them to the GPU one at a time")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="recompute the cross-attention keys/values (and other step-invariant work) every step")
     parser.add_argument("--model_cache_dir", default=None, help=argparse.SUPPRESS)  # the authors' flag
 
 
