@@ -110,7 +110,8 @@ def check_generation(folder: Path, config, generation: dict) -> None:
 def load_pipeline(args, folder, config, data_parallel: bool = False) -> "minialg.Pipeline":
     return minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
                         offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks,
-                        sequence_parallel=args.sequence_parallel, data_parallel=data_parallel)
+                        cache_cross_attention=not args.no_cache, sequence_parallel=args.sequence_parallel,
+                        data_parallel=data_parallel)
 
 
 def generate_settings(args) -> tuple:
@@ -223,6 +224,8 @@ def add_run_flags(parser: argparse.ArgumentParser, one_video: bool = True) -> No
     parser.add_argument("--sequence_parallel", type=int, default=1, metavar="K",
                         help="under torchrun: split each pass's video tokens over K ranks (Ulysses); the world "
                              "size must be K times 1, 2 or 3 (guidance passes shared out)")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="recompute the cross-attention keys/values (and other step-invariant work) every step")
     parser.add_argument("--model_cache_dir", default=None, help=argparse.SUPPRESS)  # the authors' flag
 
 

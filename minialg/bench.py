@@ -64,7 +64,7 @@ def time_runs(runs: dict, repeats: int) -> dict:
 
 
 def cpu_run(family: str, size: str, steps: int, repeats: int, compare: bool, frames: int, height: int,
-            width: int) -> dict:
+            width: int, uncached: bool = False) -> dict:
     """Whole CFG runs of one family with minialg (and diffusers), plus minialg's ALG run."""
     image = demo_image(height, width).numpy()
     args = dict(num_frames=frames, height=height, width=width, num_inference_steps=steps)
@@ -77,6 +77,9 @@ def cpu_run(family: str, size: str, steps: int, repeats: int, compare: bool, fra
         alg = load_config(f"{family}_alg").alg
         runs = {"minialg": lambda: pipe(image, prompt, seed=42, progress=False, **args),
                 "minialg_alg": lambda: pipe(image, prompt, seed=42, alg=alg, progress=False, **args)}
+        if uncached:  # the same CFG run with the step cache off (cache_cross_attention=False)
+            plain = minialg.load(folder, device="cpu", dtype=torch.float32, cache_cross_attention=False)
+            runs["minialg_uncached"] = lambda: plain(image, prompt, seed=42, progress=False, **args)
         if compare:
             from diffusers import CogVideoXImageToVideoPipeline, WanImageToVideoPipeline
             from PIL import Image
@@ -94,6 +97,9 @@ def cpu_run(family: str, size: str, steps: int, repeats: int, compare: bool, fra
                   "repeats": repeats, "minialg_s": sig(results["minialg"][0]),
                   "minialg_alg_s": sig(results["minialg_alg"][0]),
                   "minialg_stages_s": {k: sig(v) for k, v in pipe.timings.items()}}
+        if uncached:
+            report.update(minialg_uncached_s=sig(results["minialg_uncached"][0]),
+                          uncached_equal=bool(torch.equal(results["minialg_uncached"][1], results["minialg"][1])))
         if compare:
             (ref_s, ref), (ours_s, ours) = results["diffusers"], results["minialg"]
             report.update(diffusers_s=sig(ref_s), speedup=sig(ref_s / ours_s),
@@ -384,6 +390,7 @@ def main(argv=None) -> None:
     pipelines.add_argument("--frames", type=int, default=17)
     pipelines.add_argument("--height", type=int, default=128, help="Wan only: CogVideoX runs at its fixed size")
     pipelines.add_argument("--width", type=int, default=192)
+    pipelines.add_argument("--uncached", action="store_true", help="also time minialg with the step cache off")
     denoiser = parser.add_argument_group("--denoiser")
     denoiser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     denoiser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -400,10 +407,12 @@ def main(argv=None) -> None:
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     if args.pipelines or not (args.denoiser or torch.cuda.is_available()):
         report["runs"] = [cpu_run(family, args.size, args.steps, args.repeats, args.compare_diffusers, args.frames,
-                                  args.height, args.width) for family in args.family]
+                                  args.height, args.width, args.uncached) for family in args.family]
         Path(args.report).write_text(json.dumps(report, indent=2))
         for run in report["runs"]:
             line = f"{run['model']}: minialg {run['minialg_s']:.2f} s (with ALG {run['minialg_alg_s']:.2f} s)"
+            if "minialg_uncached_s" in run:
+                line += f", minialg uncached {run['minialg_uncached_s']:.2f} s"
             if "diffusers_s" in run:
                 line += (f", diffusers {run['diffusers_s']:.2f} s, speed-up x{run['speedup']:.2f}, "
                          f"max |frames diff| {run['max_abs_diff']:.1e}")

@@ -265,7 +265,7 @@ class Ulysses(WholeSequence):
     def to_heads(self, qkv: list[torch.Tensor]) -> torch.Tensor:
         """q, k, v (B, N, my tokens, Dh) -> (3, B, N/K, L, Dh), L in (f, h, w) order: all-to-all, heads for
         tokens."""
-        (f, h, w), K = self.grid, self.ranks
+        (f, _, w), K = self.grid, self.ranks
         counts = [f * (b - a) * w for a, b in self.spans]
         send = torch.stack([x.unflatten(1, (K, -1)).movedim(1, 0) for x in qkv], dim=1)  # (K, 3, B, N/K, mine, Dh)
         per_token = send[0, ..., :1, :].numel()

@@ -65,7 +65,8 @@ def check(model) -> list[dict]:
 
 
 def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool | None = None, compile: bool = False,
-         stream_blocks: bool = False, sequence_parallel: int = 1, data_parallel: bool = False) -> "Pipeline":
+         stream_blocks: bool = False, cache_cross_attention: bool = True, sequence_parallel: int = 1,
+         data_parallel: bool = False) -> "Pipeline":
     """Load a checkpoint folder (diffusers' layout) or hub repo id into a ready-to-call pipeline.
 
     The denoiser runs in `dtype`; the other components as the authors run them (Pipeline.dtype_of): Wan's VAE and
@@ -75,12 +76,18 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool |
     `compile` compiles each transformer block (regional torch.compile); `stream_blocks` keeps the transformer's
     blocks in CPU memory and streams them to `device` one at a time (minialg.gpu), for small GPUs. Where a
     checkpoint has two denoisers (Wan 2.2 A14B), the one not in use waits in CPU memory.
+    `cache_cross_attention` keeps what does not change between the steps of a run on the device (Wan: every
+    block's cross-attention keys and values, 2 x (text + image tokens) x width per block and text: about 1 GB for
+    Wan 14B in bf16 with CFG; rotary tables; CogVideoX: the projected text) instead of recomputing it every step;
+    the video is the same either way.
 
     Under torchrun the pipeline joins the process group and shares each call's work among the ranks
     (minialg.parallel): the video tokens over `sequence_parallel` ranks, a step's guidance passes over the
     groups of them; every rank returns the same frames. With `data_parallel` the groups make separate videos.
     """
     device = gpu.check_device(device)  # fail in one line when the device is not usable here
+    if not isinstance(cache_cross_attention, bool):
+        raise ValueError(f"cache_cross_attention must be True or False, got {cache_cross_attention!r}")
     layout, device = parallel.setup(device, sequence_parallel, data_parallel)  # device: this rank's own
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -105,7 +112,9 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool |
             gpu.stream_blocks(modules[sub], device)
         if compile:
             gpu.compile_blocks(modules[sub])
-    return parallel.apply(cls(folder, modules, device, encoder_device, dtype, streamed=stream_blocks), layout)
+    pipe = cls(folder, modules, device, encoder_device, dtype, streamed=stream_blocks)
+    pipe.cache_steps = cache_cross_attention
+    return parallel.apply(pipe, layout)
 
 
 class Pipeline:
@@ -115,6 +124,7 @@ class Pipeline:
     family: str  # the ALG family rule (alg.three_pass)
     two_pass_filters: bool  # whether the CFG passes of a step without the ALG batch see c_lp (True) or c
     layout = parallel.Layout()  # this process's place among the ranks (load sets it under torchrun)
+    cache_steps: bool = True  # keep step-invariant work between the steps of a run (load's cache_cross_attention)
 
     def __init__(self, folder: Path, modules: dict, device: torch.device, encoder_device: torch.device,
                  dtype: torch.dtype, streamed: bool = False):
@@ -125,6 +135,7 @@ class Pipeline:
         self.defaults = self.defaults_of(folder)
         self.timings = {}  # seconds per stage of the last call
         self.progress = (0, 0)  # (steps done, steps) of the current or last call
+        self.step_caches = {}  # during a run: {(denoiser, text ids): the dict its transformer keeps things in}
 
     @classmethod
     def check_index(cls, folder: Path, index: dict) -> None:
@@ -182,12 +193,18 @@ class Pipeline:
         with self._timer("condition"):
             x, condition, frame = self.prepare(pixels, run["height"], run["width"], run["num_frames"], generator)
 
+        filtered = {}  # latent space: c_lp of the last strength, reused while the strength stays (interval schedule)
+
         def condition_lp(s: float) -> torch.Tensor:
             if alg.lp_filter_in_latent:
-                return lowpass.low_pass(condition, alg, s)
+                if s not in filtered or not self.cache_steps:
+                    filtered.clear()
+                    filtered[s] = lowpass.low_pass(condition, alg, s)
+                return filtered[s]
             return self.condition(lowpass.low_pass(frame, alg, s), run["num_frames"], generator)
 
         with self._timer("denoise"):
+            self.step_caches = {}
             for i, t in enumerate(tqdm(solver.timesteps.to(self.device), desc="denoising", unit="step",
                                        disable=not (progress and self.layout.writes), leave=False)):
                 model, w = self.denoiser_at(timesteps[i], run)  # the step's denoiser and guidance scale
@@ -207,6 +224,7 @@ class Pipeline:
                         (v,) = self.denoise(model, x, t, [c], [text[0]])
                 x = solver.step(v, i, x)
                 self.progress = (i + 1, steps)
+            self.step_caches = {}  # free the device memory before decoding
         with self._timer("decode"):
             video = self.decode(x, condition)  # (3, F, H, W) in [-1, 1]
         return (video / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu()
@@ -221,6 +239,19 @@ class Pipeline:
     def denoiser_at(self, t, run: dict) -> tuple[torch.nn.Module, float]:
         """The denoiser for timestep t and its guidance scale (one denoiser unless the family has experts)."""
         return self.transformer, run["guidance_scale"]
+
+    def text_rows(self, model, texts: list) -> tuple[torch.Tensor, tuple[int, ...], dict | None]:
+        """A step's texts as the transformer takes them: the distinct ones (P, T, C), the row of each pass, and the
+        run's cache of `model` for these texts (None when caching is off). A new key drops the old cache: an
+        expert, once left, does not come back within a run."""
+        distinct = list({id(t): t for t in texts}.values())
+        rows = tuple(next(i for i, d in enumerate(distinct) if d is t) for t in texts)
+        if not self.cache_steps:
+            return torch.cat(distinct), rows, None
+        key = (model, *map(id, distinct))
+        if key not in self.step_caches:
+            self.step_caches = {key: {}}
+        return torch.cat(distinct), rows, self.step_caches[key]
 
     @contextmanager
     def _timer(self, stage: str):

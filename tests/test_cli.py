@@ -218,6 +218,16 @@ def test_compile_and_stream_blocks_flags_keep_the_video(run, tmp_path, monkeypat
     assert torch.equal(frames[0], frames[1])
 
 
+def test_no_cache_flag_reaches_load_and_keeps_the_video(run, monkeypatch):
+    import torch
+
+    frames, flags, load = [], [], cli.minialg.load
+    monkeypatch.setattr(cli.media, "write_video", lambda f, path, fps: frames.append(f))
+    monkeypatch.setattr(cli.minialg, "load", lambda *a, **kw: flags.append(kw["cache_cross_attention"]) or load(*a, **kw))
+    assert run()[0] == 0 and run(extra=["--no_cache"])[0] == 0
+    assert flags == [True, False] and torch.equal(frames[0], frames[1])
+
+
 def test_download_fetches_a_named_model_into_weights(tmp_path, monkeypatch, capsys):
     import huggingface_hub
 

@@ -40,11 +40,12 @@ def test_self_written_checkpoint_loads_in_diffusers_and_agrees(tmp_path, family)
 def test_cpu_bench_reports_both_pipelines_on_the_same_video(tmp_path):
     report = tmp_path / "bench.json"
     bench.main(["--size", "tiny", "--steps", "1", "--repeats", "1", "--frames", "5", "--height", "32",
-                "--width", "48", "--compare-diffusers", "--report", str(report)])
+                "--width", "48", "--compare-diffusers", "--uncached", "--report", str(report)])
     runs = json.loads(report.read_text())["runs"]
     assert [run["model"].split()[0] for run in runs] == ["wan", "cogvideox"]
     for run in runs:
         check_run(run)
+        assert run["minialg_uncached_s"] > 0 and run["uncached_equal"]  # the step cache changes no frame
 
 
 def check_run(run):

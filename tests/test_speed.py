@@ -161,6 +161,33 @@ def test_stream_blocks_with_compiled_blocks():
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["resident", "streamed"])
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_compile_blocks_with_the_step_cache(family, streamed):
+    """A run's loop with the step cache (two distinct texts, ALG's B=3 passes then CFG's B=2): Wan's blocks compute
+    the cross-attention keys/values at the first call and take them in after, so three graphs in all (B=3 computing,
+    B=3 and B=2 taking), none added by a second run; CogVideoX's blocks see no change, two graphs. The outputs of
+    the uncompiled model without a cache; streamed blocks too (their keys/values stay)."""
+    _, cfg, model = build(family)
+    x, timestep, text, *image = inputs(family, cfg, 2, seed=5)
+    extra = {"image": image[0][:1]} if family == "wan" else {}  # one image for every pass, as the pipeline
+    steps = [(x[:1].expand(len(passes), *x.shape[1:]) + i, timestep[:1].expand(len(passes)) - 50 * i, passes)
+             for i, passes in enumerate([(1, 0, 1)] * 2 + [(1, 0)] * 3)]
+    with torch.no_grad():
+        expected = [model(xs, ts, text, passes=passes, **extra) for xs, ts, passes in steps]
+        torch._dynamo.reset()
+        counters.clear()
+        compile_blocks(model, backend="eager")
+        if streamed:
+            stream_blocks(model, "cpu")
+        for _ in range(2):  # two runs, each with its own cache
+            cache = {}
+            for (xs, ts, passes), want in zip(steps, expected):
+                assert torch.equal(model(xs, ts, text, passes=passes, cache=cache, **extra), want)
+    assert counters["stats"]["unique_graphs"] == (3 if family == "wan" else 2)
+    assert not counters["graph_break"]
+
+
 @pytest.mark.parametrize("families", [["wan", "cogvideox"], ["wan22", "wan22_ti2v", "hunyuan_video"]])
 def test_bench_denoiser_mode_on_cpu(tmp_path, families):
     """The small configs, B=2 and 3, compiled (eager backend), streamed, against diffusers (float32: the same

@@ -66,7 +66,8 @@ class CogVideoX(T5Pipeline):
     def denoise(self, model, x, t, conditions: list, texts: list) -> tuple[torch.Tensor, ...]:
         n = len(conditions)
         batch = torch.cat([torch.cat([x, c], dim=2) for c in conditions])  # (n, F, 16 + 16, h, w)
-        return model(batch, t.expand(n), torch.cat(texts)).float().chunk(n)
+        text, rows, cache = self.text_rows(model, texts)  # (P, L, C), each pass's row, the run's step cache
+        return model(batch, t.expand(n), text, passes=rows, cache=cache).float().chunk(n)
 
     def decode(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         z = 1 / self.vae.config.scaling_factor * x[:, self.extra_frames:].permute(0, 2, 1, 3, 4)  # the reference's op

@@ -145,8 +145,8 @@ class Wan(T5Pipeline):
         else:
             batch = torch.cat([torch.cat([x, c], dim=1) for c in conditions]).to(self.dtype)  # (n, 16 + 20, T, h, w)
             timestep = t.expand(n)
-        image = None if self.image_tokens is None else self.image_tokens.expand(n, -1, -1)
-        return model(batch, timestep, torch.cat(texts), image).chunk(n)
+        text, rows, cache = self.text_rows(model, texts)  # (P, L, C), each pass's row, the run's step cache
+        return model(batch, timestep, text, self.image_tokens, rows, cache).chunk(n)  # one image for every pass
 
     def decode(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         if self.expand_timesteps:  # the image's latent is written into frame 0 again before decoding

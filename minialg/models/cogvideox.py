@@ -8,7 +8,12 @@ tokens (CogVideoX-2b), or a learned table added to text and video (CogVideoX-5b-
 names follow the diffusers checkpoint (CogVideoXTransformer3DModel), so a checkpoint loads name for name.
 
 Shapes: B batch, F/H/W latent frames/height/width, f/h/w the same in patches, L = f*h*w video tokens,
-T text tokens, D model width, N heads, Dh head width, E time embedding width.
+T text tokens, D model width, N heads, Dh head width, E time embedding width, P distinct texts.
+
+Step-invariant work, done once per run when the caller hands `forward` a `cache` (a dict it owns, one per run and
+text): the positional tables (rotary, sin-cos or learned) and the projected text with its positions. Nothing
+inside the blocks is: the text tokens are modulated by the timestep from the first block on, so their keys and
+values change at every step (joint attention), unlike Wan's cross-attention.
 """
 
 import math
@@ -19,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .wan import WHOLE
+from .wan import WHOLE, gather, kept
 
 
 @dataclass
@@ -343,10 +348,11 @@ class CogVideoXTransformer(nn.Module):
             temb = temb + self.ofs_embedding(ofs_features.to(dtype))
         return temb
 
-    def add_positions(
-        self, video: torch.Tensor, text: torch.Tensor, f: int, h: int, w: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the learned table to text and video, or the fixed sin-cos table to the video (text gets zeros).
+    def position_tables(
+        self, f: int, h: int, w: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What is added to the video tokens, (1, L, D) or (L, D), and to the text tokens, (1, T, D) or None:
+        the learned table's two parts, or the fixed sin-cos table for the video only.
 
         The learned table holds the sample size only (another height/width raises in forward); for another
         frame count diffusers falls back to the sin-cos table of that size, and so do we.
@@ -354,18 +360,26 @@ class CogVideoXTransformer(nn.Module):
         cfg = self.config
         pos_embedding = self.patch_embed.pos_embedding
         if pos_embedding is not None and (f - 1) * cfg.temporal_compression_ratio + 1 == cfg.sample_frames:
-            pos = pos_embedding.to(video.dtype)  # (1, T + L, D)
+            pos = pos_embedding.to(dtype)  # (1, T + L, D)
             T = cfg.max_text_seq_length
-            return video + pos[:, T:], text + pos[:, :T]
-        return video + sincos_positions(cfg, f, h, w, video.device).to(video.dtype), text
+            return pos[:, T:], pos[:, :T]
+        return sincos_positions(cfg, f, h, w, device).to(dtype), None
 
     def forward(
-        self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, ofs: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        ofs: torch.Tensor | None = None,
+        passes: tuple[int, ...] | None = None,
+        cache: dict | None = None,
     ) -> torch.Tensor:
-        """x (B, F, C_in, H, W), timestep (B,), text (B, T, text_embed_dim), ofs (B,) or (1,) (1.5 I2V; None = 2.0)
+        """x (B, F, C_in, H, W), timestep (B,), text (P, T, text_embed_dim), ofs (B,) or (1,) (1.5 I2V; None = 2.0)
         -> (B, F, C_out, H, W) in x's dtype.
 
-        Positional tables are computed here from x's shape: for 1.0 models the frame count F (latent frames) and
+        passes (B ints): the text row of each batch element; default: row b for element b (P = B). cache: a dict
+        kept by the caller across the calls of one run, all with the same text (see the module docstring).
+        Positional tables are computed from x's shape: for 1.0 models the frame count F (latent frames) and
         the patch grid H/p x W/p; for 1.5 the frame patches F/patch_size_t (F must divide) and the same grid.
         """
         cfg = self.config
@@ -379,15 +393,24 @@ class CogVideoXTransformer(nn.Module):
         if num_frames % pt:
             raise ValueError(f"CogVideoX: {num_frames} latent frames is not a multiple of patch_size_t={pt}")
         f, h, w = num_frames // pt, height // p, width // p
+        passes = tuple(range(x.shape[0])) if passes is None else tuple(passes)
+        if len(passes) != x.shape[0] or not all(0 <= i < text.shape[0] for i in passes):
+            raise ValueError(f"passes {passes} must name a text row (of {text.shape[0]}) for each of {x.shape[0]}")
+        tables = cfg.use_learned_positional_embeddings or not cfg.use_rotary_positional_embeddings
+        video_pos, text_pos = kept(cache, ("positions", f, h, w), lambda: self.position_tables(
+            f, h, w, x.device, x.dtype)) if tables else (None, None)
+
+        def project_text() -> torch.Tensor:  # (P, T, D)
+            projected = self.patch_embed.text_proj(text)
+            return projected if text_pos is None else projected + text_pos
 
         temb = self.embed_time(timestep, ofs, x.dtype)  # (B, E)
         video = self.patch_embed(x)  # (B, L, D)
-        text = self.patch_embed.text_proj(text)  # (B, T, D)
-        if cfg.use_learned_positional_embeddings or not cfg.use_rotary_positional_embeddings:
-            video, text = self.add_positions(video, text, f, h, w)
+        video = video if video_pos is None else video + video_pos
+        text = gather(kept(cache, "text", project_text), passes)  # (B, T, D)
         cos = sin = None
         if cfg.use_rotary_positional_embeddings:
-            cos, sin = rope_cos_sin(cfg, f, h, w, x.device)  # (L, Dh/2) each
+            cos, sin = kept(cache, ("rope", f, h, w), lambda: rope_cos_sin(cfg, f, h, w, x.device))  # (L, Dh/2)
         video, cos, sin = self.sequence.split((f, h, w), video, cos, sin)  # sequence parallel: this rank's rows
 
         for block in self.transformer_blocks:

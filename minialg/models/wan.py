@@ -6,7 +6,12 @@ tokens), and an MLP; the timestep modulates each block adaLN-style through six v
 the diffusers checkpoint (WanTransformer3DModel), so a checkpoint loads name for name.
 
 Shapes: B batch, F/H/W latent frames/height/width, f/h/w the same in patches, L = f*h*w video tokens,
-D model width, N heads, Dh head width, T text tokens, I image tokens (257 for Wan 2.1 I2V).
+D model width, N heads, Dh head width, T text tokens, I image tokens (257 for Wan 2.1 I2V), P distinct texts.
+
+Step-invariant work is done once per run when the caller hands `forward` a `cache` (a dict it owns, one per run,
+text and image): the rotary tables and each block's cross-attention keys and values (with the text and image
+embedders before them) are computed at the first call and reused after. The batch's passes name their text by
+row (`passes`), so the prompt and the negative prompt are projected once each, whatever the batch.
 """
 
 import math
@@ -75,6 +80,26 @@ def rope_cos_sin(head_dim: int, f: int, h: int, w: int, device: torch.device) ->
     angles_w = angles(w, dim_w)[None, None, :, :].expand(f, h, w, -1)
     theta = torch.cat([angles_f, angles_h, angles_w], dim=-1).reshape(f * h * w, head_dim // 2)
     return theta.cos().float(), theta.sin().float()
+
+
+def kept(cache: dict | None, key, compute):
+    """compute(), or the value an earlier call stored under `key` in `cache` (a dict owned by the caller, who
+    promises the same inputs to every call that shares it; None: nothing is kept)."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def gather(rows: torch.Tensor | None, passes: tuple[int, ...]) -> torch.Tensor | None:
+    """The batch from per-text rows (P, ...): row passes[b] for element b; a view where it can be (one row, or the
+    rows in order), an exact copy otherwise."""
+    if rows is None:
+        return None
+    if rows.shape[0] == 1:
+        return rows.expand(len(passes), *rows.shape[1:])
+    return rows if passes == tuple(range(rows.shape[0])) else rows[list(passes)]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -187,20 +212,20 @@ class ConditionEmbedder(nn.Module):
         if cfg.image_dim is not None:
             self.image_embedder = ImageEmbedding(cfg.image_dim, dim, cfg.pos_embed_seq_len)
 
-    def forward(
-        self, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """timestep (B,) or (B, F) -> temb (B, F|1, D), block modulation (B, F|1, 6, D); text (B, T, D), image
-        (B, I, D) or None. F|1: one timestep per latent frame (Wan 2.2 TI2V) or one for the whole video."""
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep (B,) or (B, F) -> temb (B, F|1, D), block modulation (B, F|1, 6, D), in `dtype` (the text's, as
+        diffusers). F|1: one timestep per latent frame (Wan 2.2 TI2V) or one for the whole video."""
         timestep = timestep if timestep.ndim == 2 else timestep[:, None]  # (B, F|1)
         t_freq = timestep_sinusoid(timestep.flatten(), self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
-        temb = self.time_embedder(t_freq).to(text.dtype)  # (B F|1, D), in the text's dtype as diffusers
+        temb = self.time_embedder(t_freq).to(dtype)  # (B F|1, D)
         modulation = self.time_proj(self.act_fn(temb)).unflatten(1, (6, -1))  # (B F|1, 6, D)
-        temb, modulation = temb.unflatten(0, timestep.shape), modulation.unflatten(0, timestep.shape)
-        text = self.text_embedder(text)
-        if image is not None:
-            image = self.image_embedder(image)
-        return temb, modulation, text, image
+        return temb.unflatten(0, timestep.shape), modulation.unflatten(0, timestep.shape)
+
+    def embed_context(
+        self, text: torch.Tensor, image: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """text (P, T, text_dim) -> (P, T, D); image (1|P, I, image_dim) -> (1|P, I, D), or None."""
+        return self.text_embedder(text), None if image is None else self.image_embedder(image)
 
 
 class SelfAttention(nn.Module):
@@ -238,14 +263,22 @@ class CrossAttention(SelfAttention):
             self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
             self.norm_added_k = nn.RMSNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
-        q = split_heads(self.norm_q(self.to_q(x)), self.heads)  # (B, N, L, Dh)
-        k = split_heads(self.norm_k(self.to_k(text)), self.heads)  # (B, N, T, Dh)
+    def keys_values(self, text: torch.Tensor, image: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """text (P, T, D), image (1|P, I, D) or None -> the text's keys and values (P, N, T, Dh) each, the
+        image's (1|P, N, I, Dh) each or None: the same at every step of a run."""
+        k = split_heads(self.norm_k(self.to_k(text)), self.heads)
         v = split_heads(self.to_v(text), self.heads)
+        if image is None:
+            return k, v, None, None
+        return k, v, split_heads(self.norm_added_k(self.add_k_proj(image)), self.heads), \
+            split_heads(self.add_v_proj(image), self.heads)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor | None, ...], passes: tuple[int, ...]) -> torch.Tensor:
+        """x (B, L, D); kv from keys_values; passes (B ints): the text row each batch element attends to."""
+        k, v, k_img, v_img = (gather(t, passes) for t in kv)  # (B, N, T|I, Dh)
+        q = split_heads(self.norm_q(self.to_q(x)), self.heads)  # (B, N, L, Dh)
         out = attend(q, k, v)  # (B, L, D)
-        if image is not None:
-            k_img = split_heads(self.norm_added_k(self.add_k_proj(image)), self.heads)  # (B, N, I, Dh)
-            v_img = split_heads(self.add_v_proj(image), self.heads)
+        if k_img is not None:
             out = out + attend(q, k_img, v_img)
         return self.to_out[0](out)
 
@@ -266,13 +299,17 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        text: torch.Tensor,
-        image: torch.Tensor | None,
         modulation: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
-        """x (B, L, D), text (B, T, D), image (B, I, D) or None, modulation (B, F|1, 6, D), cos/sin (L, Dh/2).
+        passes: tuple[int, ...],
+        kv: tuple[torch.Tensor | None, ...] | None = None,
+        text: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """x (B, L, D), modulation (B, F|1, 6, D), cos/sin (L, Dh/2), passes (B ints): each element's text row;
+        the cross-attention keys/values `kv` (CrossAttention.keys_values), or the embedded text (P, T, D) and
+        image (1|P, I, D) or None to compute them from. Returns the new x and kv, for the caller to keep.
 
         The modulation holds one set of vectors per latent frame (or one for all): the elementwise steps see the
         tokens as (B, F|1, L/(F|1), D), so each frame's tokens take their frame's vectors without a copy per token.
@@ -288,11 +325,13 @@ class Block(nn.Module):
         h = (fp32_layer_norm(by_frame(x), self.eps) * (1 + scale) + shift).flatten(1, 2).type_as(x)
         x = (by_frame(x).float() + by_frame(self.attn1(h, cos, sin)) * gate).flatten(1, 2).type_as(x)
 
+        if kv is None:  # computed here, where the block's weights are (they may be streamed in for this call)
+            kv = self.attn2.keys_values(text, image)
         h = x if self.norm2 is None else fp32_layer_norm(x, self.eps, self.norm2).type_as(x)
-        x = x + self.attn2(h, text, image)
+        x = x + self.attn2(h, kv, passes)
 
         h = (fp32_layer_norm(by_frame(x), self.eps) * (1 + ffn_scale) + ffn_shift).flatten(1, 2).type_as(x)
-        return (by_frame(x).float() + by_frame(self.ffn(h)).float() * ffn_gate).flatten(1, 2).type_as(x)
+        return (by_frame(x).float() + by_frame(self.ffn(h)).float() * ffn_gate).flatten(1, 2).type_as(x), kv
 
 
 class WanTransformer(nn.Module):
@@ -321,19 +360,44 @@ class WanTransformer(nn.Module):
 
 
     def forward(
-        self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        image: torch.Tensor | None = None,
+        passes: tuple[int, ...] | None = None,
+        cache: dict | None = None,
     ) -> torch.Tensor:
-        """x (B, C_in, F, H, W), timestep (B,) or one per latent frame (B, F), text (B, T, text_dim), image
-        (B, I, image_dim) or None -> (B, C_out, F, H, W) in x's dtype."""
+        """x (B, C_in, F, H, W), timestep (B,) or one per latent frame (B, F), text (P, T, text_dim), image
+        (1|P, I, image_dim) or None -> (B, C_out, F, H, W) in x's dtype.
+
+        passes (B ints): the text (and image) row of each batch element; default: row b for element b (P = B).
+        cache: a dict kept by the caller across the calls of one run, all with the same text and image (see the
+        module docstring); None computes everything at every call.
+        """
+        passes = tuple(range(x.shape[0])) if passes is None else tuple(passes)
+        if len(passes) != x.shape[0] or not all(0 <= p < text.shape[0] for p in passes):
+            raise ValueError(f"passes {passes} must name a text row (of {text.shape[0]}) for each of {x.shape[0]}")
+        if image is not None and image.shape[0] not in (1, text.shape[0]):
+            raise ValueError(f"image must have 1 row or one per text ({text.shape[0]}), got {image.shape[0]}")
         pf, ph, pw = self.config.patch_size
         f, h, w = x.shape[2] // pf, x.shape[3] // ph, x.shape[4] // pw
-        cos, sin = rope_cos_sin(self.config.attention_head_dim, f, h, w, x.device)  # (L, Dh/2) each
+        cos, sin = kept(cache, ("rope", f, h, w), lambda: rope_cos_sin(
+            self.config.attention_head_dim, f, h, w, x.device))  # (L, Dh/2) each
 
         x = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
         x, cos, sin = self.sequence.split((f, h, w), x, cos, sin)  # sequence parallel: this rank's patch rows
-        temb, modulation, text, image = self.condition_embedder(timestep, text, image)
-        for block in self.blocks:
-            x = block(x, text, image, modulation, cos, sin)
+        temb, modulation = self.condition_embedder(timestep, text.dtype)
+        kv = None if cache is None else cache.get("cross_kv")  # per block, from the run's first call
+        if kv is None:
+            text, image = self.condition_embedder.embed_context(text, image)  # (P, T, D), (1|P, I, D) or None
+            kv = [None] * len(self.blocks)
+        else:
+            text = image = None
+        for k, block in enumerate(self.blocks):
+            x, kv[k] = block(x, modulation, cos, sin, passes, kv[k], text, image)
+        if cache is not None:
+            cache["cross_kv"] = kv
 
         shift, scale = (self.scale_shift_table + temb[:, :, None]).unsqueeze(-2).unbind(-3)  # (B, F|1, 1, D) each
         by_frame = x.unflatten(1, (temb.shape[1], -1))  # (B, F|1, L/(F|1), D)
