@@ -25,6 +25,7 @@ A JSON report goes to --report, and a short table is printed.
 import argparse
 import gc
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -374,12 +375,33 @@ def whole_run(family: str, device: torch.device, dtype: torch.dtype, small: bool
     return run
 
 
+def motion_run(frames: int, height: int, width: int, repeats: int, device: str) -> dict:
+    """Seconds of minialg.motion.analyze on a panning texture written through H.264 and read back (median wall
+    and CPU time over `repeats`, after a warm-up), and the flow it measured against the true 1.655 px/frame."""
+    from minialg import motion
+
+    with tempfile.TemporaryDirectory() as tmp:
+        minialg.media.write_video(motion.panning_texture(frames, height, width), Path(tmp) / "pan.mp4", fps=16)
+        video, fps = motion.read_video(Path(tmp) / "pan.mp4")
+    motion.analyze(video[:3], fps, device=device)  # warm-up
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        report = motion.analyze(video, fps, device=device)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return {"frames": frames, "height": height, "width": width, "device": device, "repeats": repeats,
+            "wall_s": sig(statistics.median(walls)), "cpu_s": sig(statistics.median(cpus)),
+            "flow_mean_px": sig(report["flow"]["mean_px"]), "true_flow_px": sig(math.hypot(1.5, 0.7))}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minialg.bench", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--denoiser", action="store_true", help="the transformers alone (the default on CUDA)")
     mode.add_argument("--pipelines", action="store_true",
                       help="whole CPU runs against diffusers (the default without CUDA)")
+    mode.add_argument("--motion", action="store_true", help="the motion analysis of an 81-frame 480x832 video")
     parser.add_argument("--compare-diffusers", action="store_true", help="time diffusers in the same run")
     parser.add_argument("--family", nargs="+", default=["wan", "cogvideox"], choices=list(DENOISERS))
     parser.add_argument("--repeats", type=int, default=3)
@@ -405,6 +427,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+    if args.motion:
+        report["motion"] = run = motion_run(81, 480, 832, args.repeats, args.device)  # Wan's output size
+        Path(args.report).write_text(json.dumps(report, indent=2))
+        print(f"motion analysis, {run['frames']} frames {run['width']}x{run['height']} on {run['device']}: "
+              f"{run['wall_s']:.2f} s wall, {run['cpu_s']:.2f} s CPU (median of {run['repeats']}); measured flow "
+              f"{run['flow_mean_px']:.3f} px/frame, true {run['true_flow_px']:.3f}\nreport: {args.report}")
+        return
     if args.pipelines or not (args.denoiser or torch.cuda.is_available()):
         report["runs"] = [cpu_run(family, args.size, args.steps, args.repeats, args.compare_diffusers, args.frames,
                                   args.height, args.width, args.uncached) for family in args.family]

@@ -350,3 +350,18 @@ def table(report: dict) -> str:
         rows.append(("frame 0 vs image", f"PSNR {fid['first_frame_psnr']:.2f} dB, SSIM {fid['first_frame_ssim']:.4f}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:{width}s}  {value}" for name, value in rows)
+
+
+def panning_texture(frames: int, height: int, width: int, step=(1.5, 0.7), seed: int = 0) -> torch.Tensor:
+    """A synthetic video with known motion, for benchmarks and checks: (F, H, W, 3) in [0, 1], a smooth random
+    texture moved by `step` = (x, y) pixels per frame, exactly (phase ramps in its Fourier transform)."""
+    pad = 64
+    noise = torch.randn(3, height + pad, width + pad, generator=torch.Generator().manual_seed(seed))
+    fy, fx = torch.fft.fftfreq(height + pad), torch.fft.fftfreq(width + pad)
+    spectrum = torch.fft.fft2(noise) * torch.exp(-2 * math.pi ** 2 * 2.5 ** 2 * (fy[:, None] ** 2 + fx ** 2))
+    out = []
+    for t in range(frames):
+        phase = torch.exp(-2j * math.pi * (fx * step[0] * t + fy[:, None] * step[1] * t))
+        image = torch.fft.ifft2(spectrum * phase).real[:, pad // 2:pad // 2 + height, pad // 2:pad // 2 + width]
+        out.append((image / image.std() * 0.18 + 0.5).clamp(0, 1).permute(1, 2, 0))
+    return torch.stack(out)

@@ -53,3 +53,16 @@ def check_run(run):
     assert run["speedup"] == pytest.approx(run["diffusers_s"] / run["minialg_s"], rel=1e-2)
     assert run["max_abs_diff"] < 5e-4  # the timed runs made the same video
     assert set(run["minialg_stages_s"]) == {"text", "condition", "denoise", "decode"}
+
+
+def test_bench_motion_mode_reports_time_and_the_measured_flow(tmp_path, monkeypatch):
+    """`bench --motion` (shrunk here: the analysis is the same code at any size) times the analysis and checks the
+    flow it measured on the panning texture."""
+    from minialg import bench
+
+    monkeypatch.setattr(bench, "motion_run", lambda frames, height, width, repeats, device, run=bench.motion_run:
+                        run(9, 96, 160, repeats, device))
+    bench.main(["--motion", "--repeats", "1", "--device", "cpu", "--report", str(tmp_path / "m.json")])
+    run = json.loads((tmp_path / "m.json").read_text())["motion"]
+    assert run["wall_s"] > 0 and run["cpu_s"] > 0 and run["frames"] == 9
+    assert abs(run["flow_mean_px"] - run["true_flow_px"]) < 0.1 * run["true_flow_px"]
