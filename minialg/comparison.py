@@ -128,7 +128,7 @@ def rows(report: dict) -> list[tuple[str, str, str]]:
     """(label, baseline, ALG) rows of the metrics, timings last."""
     table = [(label, *(fmt.format(get(report["runs"][n]["motion"])) for n in NAMES)) for label, get, fmt in ROWS]
     for stage in ("denoise", "run"):
-        table.append((f"{stage} time (s)", *(f"{report['runs'][n]['timings_s'].get(stage, 0.0):.1f}" for n in NAMES)))
+        table.append((f"{stage} time (s)", *(f"{report['runs'][n]['timings_s'].get(stage, 0.0):.3g}" for n in NAMES)))
     return table
 
 
