@@ -29,7 +29,8 @@ import minialg
 from minialg import checkpoint, media, parallel
 from minialg.config import bucket_size, load_config
 from minialg.demo import FAMILIES
-from minialg.pipeline import pipeline_class, settle
+from minialg.pipeline import settle
+from minialg.registry import default_preset, pipeline_class
 
 SUBCOMMANDS = {  # name -> one line for the top-level help
     "check": "validate a checkpoint from its configs and safetensors headers (no tensor data read)",
@@ -300,7 +301,7 @@ def batch_settings(args) -> tuple:
     if args.config is None and args.model is None:
         raise ValueError("batch needs --config or --model")
     folder = checkpoint.resolve(args.model) if args.model else None
-    config = load_config(args.config or f"{pipeline_class(folder).family}_alg")
+    config = load_config(args.config or default_preset(folder))
     config, generation, seed = run_config(args, config)
     if folder is None:
         if not config.model:

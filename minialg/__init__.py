@@ -7,7 +7,8 @@
 
 from .alg import ALGConfig
 from .checkpoint import CheckpointError
-from .pipeline import Pipeline, check, load
+from .pipeline import Pipeline
+from .registry import check, load
 from .comparison import compare  # noqa: E402  (baseline vs ALG; minialg.motion measures a video)
 
 __all__ = ["ALGConfig", "CheckpointError", "Pipeline", "check", "compare", "load"]

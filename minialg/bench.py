@@ -48,7 +48,7 @@ from minialg.flops import cogvideox_flops, hunyuan_flops, wan_flops
 from minialg.gpu import blocks_of, compile_blocks, stream_blocks
 from minialg.profiling import (host_sync, matmul_tflops, measure, peak_memory_gib, reset_peak_memory, sdpa_kernels_ran,
                                sdpa_order, sig)
-from minialg.pipeline import pipeline_class
+from minialg.registry import pipeline_class
 
 
 def time_runs(runs: dict, repeats: int) -> dict:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, media, motion, report as html_report
+from .report import rows
 from .config import RunConfig, load_config
 
 NAMES = ("baseline", "alg")
@@ -37,7 +38,7 @@ def compare(image, prompt: str, output_dir: "str | os.PathLike", *, config: "str
     updates its generation settings (height, num_inference_steps, ...). `load` (no arguments -> a pipeline)
     replaces minialg.load(model, device, dtype); `status` (cli.Status) is told the pipeline and the run under
     way, for the command line's interrupt message."""
-    from .pipeline import load as load_model
+    from .registry import load as load_model
 
     config = config if isinstance(config, RunConfig) else load_config(config)
     if not config.alg.use_low_pass_guidance:
@@ -110,26 +111,6 @@ def _run(pixels, prompt, tmp: Path, config, folder, seed, settings, device, dtyp
     embedded = {name: (tmp / f"{name}.mp4").read_bytes() for name in NAMES}
     (tmp / "report.html").write_text(html_report.html(report, embedded))
     return report
-
-
-ROWS = [  # (label, how to get it from a motion report, format)
-    ("flow mean (px/frame)", lambda m: m["flow"]["mean_px"], "{:.3f}"),
-    ("flow top 5% (px/frame)", lambda m: m["flow"]["top5_mean_px"], "{:.3f}"),
-    ("dynamic degree (pairs over)", lambda m: m["dynamic_degree"]["score"], "{:.0%}"),
-    ("dynamic (VBench rule)", lambda m: "yes" if m["dynamic_degree"]["dynamic"] else "no", "{}"),
-    ("dominant motion (Hz)", lambda m: m["spectrum"]["dominant_hz"], "{:.2f}"),
-    ("residual high-freq ratio", lambda m: m["residual"]["high_freq_ratio"], "{:.3f}"),
-    ("frame 0 PSNR (dB)", lambda m: m["fidelity"]["first_frame_psnr"], "{:.2f}"),
-    ("frame 0 SSIM", lambda m: m["fidelity"]["first_frame_ssim"], "{:.4f}"),
-]
-
-
-def rows(report: dict) -> list[tuple[str, str, str]]:
-    """(label, baseline, ALG) rows of the metrics, timings last."""
-    table = [(label, *(fmt.format(get(report["runs"][n]["motion"])) for n in NAMES)) for label, get, fmt in ROWS]
-    for stage in ("denoise", "run"):
-        table.append((f"{stage} time (s)", *(f"{report['runs'][n]['timings_s'].get(stage, 0.0):.3g}" for n in NAMES)))
-    return table
 
 
 def summary(report: dict, output_dir: "str | os.PathLike | None" = None) -> str:

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from .checkpoint import config_from, read_json
 from .models.bpe import BYTE_CHARS, LLAMA3_PATTERN
 from .models.llava import DecoderLayer
-from .pipeline import pipeline_class
+from .registry import pipeline_class
 
 REAL_CONFIGS = Path(__file__).parent / "real_configs"
 REAL = REAL_CONFIGS / "Wan2.1-I2V-14B-480P-Diffusers"

@@ -9,9 +9,10 @@
                  x    = solver.step(v, i, x)
            VAE decode ─> frames (F, H, W, 3) in [0, 1]
 
-`Pipeline` holds the loop. Each family (minialg/families/) fills in what differs: which components its folder
-holds, how text and image become the condition (the text encoders, and what "text" holds per pass), the
-denoiser call (and which denoiser, where a checkpoint has two experts), and decoding.
+`Pipeline` holds the loop and knows no family. Each family (minialg/families/) subclasses it and fills in what
+differs: which components its folder holds, how text and image become the condition (the text encoders, and what
+"text" holds per pass), the denoiser call (and which denoiser, where a checkpoint has two experts), and decoding.
+minialg/registry.py lists the families and picks one for a checkpoint folder (load, check).
 """
 
 import time
@@ -23,98 +24,8 @@ import torch
 from tqdm import tqdm
 
 from . import alg as lowpass
-from . import checkpoint, gpu, media, parallel
+from . import checkpoint, media, parallel
 from .sampling import make_solver
-
-
-def families() -> list[type["Pipeline"]]:
-    from .families.cogvideox import CogVideoX
-    from .families.hunyuan import HunyuanVideo
-    from .families.wan import Wan
-
-    return [Wan, CogVideoX, HunyuanVideo]
-
-
-def pipeline_class(folder: Path) -> type["Pipeline"]:
-    index = checkpoint.read_json(folder / "model_index.json")
-    name = index.get("_class_name")
-    for cls in families():
-        if name in cls.references:
-            cls.check_index(folder, index)
-            return cls
-    known = ", ".join(n for cls in families() for n in cls.references)
-    raise checkpoint.CheckpointError(f"{folder}: unsupported pipeline '{name}' in model_index.json "
-                                     f"(minialg knows {known})")
-
-
-def check(model) -> list[dict]:
-    """Validate a checkpoint from its configs and safetensors headers alone; one summary dict per component."""
-    folder = checkpoint.resolve(model)
-    cls = pipeline_class(folder)
-    for file in cls.files_of(folder):
-        if not (folder / file).is_file():
-            raise checkpoint.CheckpointError(f"missing file: {folder / file}")
-    summary = []
-    for sub, (model_cls, config_cls) in cls.components_of(folder).items():
-        module = checkpoint.build(model_cls, config_cls, folder / sub)
-        files = checkpoint.plan(module, folder / sub)
-        params = sum(t.numel() for t in module.state_dict().values())
-        summary.append({"component": sub, "class": model_cls.__name__, "files": len(files),
-                        "tensors": sum(len(names) for names in files.values()), "parameters": params})
-    return summary
-
-
-def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool | None = None, compile: bool = False,
-         stream_blocks: bool = False, cache_cross_attention: bool = True, sequence_parallel: int = 1,
-         data_parallel: bool = False) -> "Pipeline":
-    """Load a checkpoint folder (diffusers' layout) or hub repo id into a ready-to-call pipeline.
-
-    The denoiser runs in `dtype`; the other components as the authors run them (Pipeline.dtype_of): Wan's VAE and
-    CLIP in float32, HunyuanVideo's VAE and text encoders in float16 beside a bfloat16 denoiser, the rest in
-    `dtype`. With `offload_encoders`, the text and image encoders live on the CPU and visit `device` only to
-    encode; None lets the family choose (Pipeline.offload_by_default: on for HunyuanVideo on small CUDA cards).
-    `compile` compiles each transformer block (regional torch.compile); `stream_blocks` keeps the transformer's
-    blocks in CPU memory and streams them to `device` one at a time (minialg.gpu), for small GPUs. Where a
-    checkpoint has two denoisers (Wan 2.2 A14B), the one not in use waits in CPU memory.
-    `cache_cross_attention` keeps what does not change between the steps of a run on the device (Wan: every
-    block's cross-attention keys and values, 2 x (text + image tokens) x width per block and text: about 1 GB for
-    Wan 14B in bf16 with CFG; rotary tables; CogVideoX: the projected text) instead of recomputing it every step;
-    the video is the same either way.
-
-    Under torchrun the pipeline joins the process group and shares each call's work among the ranks
-    (minialg.parallel): the video tokens over `sequence_parallel` ranks, a step's guidance passes over the
-    groups of them; every rank returns the same frames. With `data_parallel` the groups make separate videos.
-    """
-    device = gpu.check_device(device)  # fail in one line when the device is not usable here
-    if not isinstance(cache_cross_attention, bool):
-        raise ValueError(f"cache_cross_attention must be True or False, got {cache_cross_attention!r}")
-    layout, device = parallel.setup(device, sequence_parallel, data_parallel)  # device: this rank's own
-    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
-    device = torch.device(device)
-    folder = checkpoint.resolve(model)
-    check(folder)  # every component's names and shapes, before any tensor data is read
-    cls = pipeline_class(folder)
-    if offload_encoders is None:
-        offload_encoders = cls.offload_by_default(device)
-    parallel.check_heads(layout, {sub: checkpoint.read_json(folder / sub / "config.json")["num_attention_heads"]
-                                  for sub in cls.components_of(folder) if sub.startswith("transformer")})
-    encoder_device = torch.device("cpu") if offload_encoders else device
-    modules = {}
-    for sub, (model_cls, config_cls) in cls.components_of(folder).items():
-        where = encoder_device if sub.startswith(("text_encoder", "image_encoder")) else device
-        if sub.startswith("transformer") and (stream_blocks or sub != "transformer"):
-            where = torch.device("cpu")  # streamed blocks start there; a second expert waits there
-        modules[sub] = checkpoint.load(model_cls, config_cls, folder / sub, where, cls.dtype_of(sub, dtype))
-    for sub in [s for s in modules if s.startswith("transformer")]:
-        if stream_blocks:
-            gpu.stream_blocks(modules[sub], device)
-        if compile:
-            gpu.compile_blocks(modules[sub])
-    pipe = cls(folder, modules, device, encoder_device, dtype, streamed=stream_blocks)
-    pipe.cache_steps = cache_cross_attention
-    return parallel.apply(pipe, layout)
 
 
 class Pipeline:
@@ -140,6 +51,11 @@ class Pipeline:
     @classmethod
     def check_index(cls, folder: Path, index: dict) -> None:
         """Refuse a model_index.json this family cannot run (a one-line CheckpointError)."""
+
+    @classmethod
+    def preset_of(cls, folder: Path) -> str:
+        """The ALG preset (minialg/configs) for this folder's model; a family with variants picks per variant."""
+        return f"{cls.family}_alg"
 
     @classmethod
     def files_of(cls, folder: Path) -> list[str]:

@@ -142,11 +142,29 @@ a.onloadeddata = b.onloadeddata = () => { if (++loaded === 2) document.body.data
 """
 
 
+ROWS = [  # (label, how to get it from a motion report, format)
+    ("flow mean (px/frame)", lambda m: m["flow"]["mean_px"], "{:.3f}"),
+    ("flow top 5% (px/frame)", lambda m: m["flow"]["top5_mean_px"], "{:.3f}"),
+    ("dynamic degree (pairs over)", lambda m: m["dynamic_degree"]["score"], "{:.0%}"),
+    ("dynamic (VBench rule)", lambda m: "yes" if m["dynamic_degree"]["dynamic"] else "no", "{}"),
+    ("dominant motion (Hz)", lambda m: m["spectrum"]["dominant_hz"], "{:.2f}"),
+    ("residual high-freq ratio", lambda m: m["residual"]["high_freq_ratio"], "{:.3f}"),
+    ("frame 0 PSNR (dB)", lambda m: m["fidelity"]["first_frame_psnr"], "{:.2f}"),
+    ("frame 0 SSIM", lambda m: m["fidelity"]["first_frame_ssim"], "{:.4f}"),
+]
+
+
+def rows(report: dict) -> list[tuple[str, str, str]]:
+    """(label, baseline, ALG) rows of the metrics, timings last."""
+    table = [(label, *(fmt.format(get(report["runs"][n]["motion"])) for n in LABELS)) for label, get, fmt in ROWS]
+    for stage in ("denoise", "run"):
+        table.append((f"{stage} time (s)", *(f"{report['runs'][n]['timings_s'].get(stage, 0.0):.3g}" for n in LABELS)))
+    return table
+
+
 def html(report: dict, videos: dict | None = None) -> str:
     """The page. `videos` maps "baseline" / "alg" to mp4 bytes to embed; without it, the page links the files
     named in the report (beside it)."""
-    from .comparison import rows
-
     settings = report["settings"]
     figures = []
     for name in ("baseline", "alg"):

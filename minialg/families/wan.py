@@ -43,6 +43,13 @@ class Wan(T5Pipeline):
             raise checkpoint.CheckpointError(f"{folder}: model_index.json sets boundary_ratio but has no transformer_2")
 
     @classmethod
+    def preset_of(cls, folder: Path) -> str:
+        index = checkpoint.read_json(folder / "model_index.json")
+        if index.get("boundary_ratio") is not None:
+            return "wan22_alg"  # A14B: two experts
+        return "wan22_ti2v_alg" if index.get("expand_timesteps") else "wan_alg"
+
+    @classmethod
     def components_of(cls, folder: Path) -> dict:
         index = checkpoint.read_json(folder / "model_index.json")
         residual = checkpoint.read_json(folder / "vae" / "config.json").get("is_residual", False)
