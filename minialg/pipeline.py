@@ -34,6 +34,7 @@ class Pipeline:
     dtypes: dict = {}  # components that keep their own dtype
     family: str  # the ALG family rule (alg.three_pass)
     two_pass_filters: bool  # whether the CFG passes of a step without the ALG batch see c_lp (True) or c
+    lp_at_every_step: bool = False  # without CFG, whether ALG's one pass sees c_lp also where s == 0
     layout = parallel.Layout()  # this process's place among the ranks (load sets it under torchrun)
     cache_steps: bool = True  # keep step-invariant work between the steps of a run (load's cache_cross_attention)
 
@@ -72,9 +73,14 @@ class Pipeline:
         """Whether load() offloads the encoders when not told (the family's memory needs against the card)."""
         return False
 
-    def sigmas_of(self, steps: int) -> list[float] | None:
-        """The unshifted noise levels the reference pipeline passes its scheduler, or None for the scheduler's own."""
-        return None
+    def schedule_of(self, steps: int, run: dict) -> dict:
+        """What the reference pipeline passes its scheduler beyond the step count (sampling.make_solver's `sigmas`,
+        `timesteps`, `mu`); empty for the scheduler's own schedule."""
+        return {}
+
+    def finish_guidance(self, v: torch.Tensor, conditional: torch.Tensor, run: dict) -> torch.Tensor:
+        """A family's last touch to a guided prediction (LTX-Video: guidance_rescale against the prompt's pass)."""
+        return v
 
     @torch.no_grad()
     def __call__(self, image, prompt: str, *, negative_prompt: str = "", num_frames: int | None = None,
@@ -100,7 +106,7 @@ class Pipeline:
         pixels = media.load_image(image)  # fail on a bad image before any compute
         self.timings.clear()
         generator = torch.Generator(self.device).manual_seed(seed)
-        solver = make_solver(solver, self.scheduler_config, steps, flow_shift, generator, self.sigmas_of(steps))
+        solver = make_solver(solver, self.scheduler_config, steps, flow_shift, generator, **self.schedule_of(steps, run))
         timesteps = solver.timesteps.tolist()  # Python ints/floats: no device reads in the loop
 
         with self._timer("text"):
@@ -129,13 +135,15 @@ class Pipeline:
                     c_lp = condition_lp(s)
                     uncond, cond_lp, uncond_lp = self.denoise(model, x, t, [condition, c_lp, c_lp],
                                                               [text[1], text[0], text[1]])
-                    v = lowpass.guided(uncond, cond_lp, w, uncond_lp)
-                else:  # without CFG only HunyuanVideo runs ALG: one pass, on c_lp at every step
-                    c = condition_lp(s) if use_alg and (self.two_pass_filters or not cfg) else condition
+                    v = self.finish_guidance(lowpass.guided(uncond, cond_lp, w, uncond_lp), cond_lp, run)
+                else:  # without CFG, ALG is one pass on c_lp (ALG.md section 5; HunyuanVideo: section 8)
+                    filtered_pass = self.two_pass_filters if cfg else s != 0 or self.lp_at_every_step
+                    c = condition_lp(s) if use_alg and filtered_pass else condition
                     if cfg:
                         uncond, cond = self.denoise(model, x, t, [c, c], [text[1], text[0]])
                         v = lowpass.guided(uncond, cond, self.dynamic_scale(w, timesteps[i], steps) if dynamic_cfg
                                            else w)
+                        v = self.finish_guidance(v, cond, run)
                     else:
                         (v,) = self.denoise(model, x, t, [c], [text[0]])
                 x = solver.step(v, i, x)
@@ -198,7 +206,9 @@ def settle(defaults: dict, *, height=None, width=None, num_frames=None, num_infe
     frames = run["num_frames"]
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise ValueError(f"num_frames must be a positive integer, got {frames!r}")
-    if defaults["frames_4k1"] and frames % 4 != 1:
+    if defaults.get("frames_8k1") and frames % 8 != 1:  # LTX-Video: refused, as its reference does
+        raise ValueError(f"num_frames must be 8k+1 (1, 9, 17, ...) for this checkpoint, got {frames}")
+    if defaults.get("frames_4k1") and frames % 4 != 1:
         run["num_frames"] = frames // 4 * 4 + 1
         warnings.warn(f"num_frames must be 4k+1: rounding {frames} to {run['num_frames']}, as the reference does")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:

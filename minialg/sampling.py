@@ -19,6 +19,8 @@ diffusers uses; step coefficients as 0-dim tensors on the CPU, which PyTorch tre
 step never waits for the GPU; sample-sized arithmetic in the sample's dtype.
 """
 
+import math
+
 import torch
 
 
@@ -167,31 +169,60 @@ class FlowEuler:
 
     @classmethod
     def from_config(cls, config: dict, num_steps: int, flow_shift: float | None = None,
-                    sigmas: list[float] | None = None) -> "FlowEuler":
+                    sigmas: list[float] | None = None, timesteps: list[float] | None = None,
+                    mu: float | None = None) -> "FlowEuler":
         """Build from a FlowMatchEulerDiscreteScheduler config (key `shift`), or from a flow UniPC config (key
-        `flow_shift`); flow_shift overrides either. `sigmas`: the num_steps unshifted noise levels a pipeline
-        passes itself (HunyuanVideo-I2V: 1 down to 1/N), shifted here in float32 as diffusers' set_timesteps does."""
+        `flow_shift`); flow_shift overrides either. A pipeline may give its own schedule, as diffusers'
+        set_timesteps takes it: `sigmas`, the num_steps unshifted noise levels (HunyuanVideo-I2V, LTX-Video 0.9.0:
+        1 down to 1/N), or `timesteps`, used as given (LTX-Video 0.9.5+), their sigmas t / T. Given levels are
+        shifted in float32: by the flow shift, or, where the config says use_dynamic_shifting, by `mu` (LTX-Video
+        0.9.0 computes it from the token count): sigma -> e^mu / (e^mu + 1 / sigma - 1). A config's
+        shift_terminal then stretches them so that 1 - sigma scales and the last one lands on shift_terminal."""
         _require(config, "use_flow_sigmas", (True,), True)
         _require(config, "prediction_type", ("flow_prediction",), "flow_prediction")
+        _require(config, "time_shift_type", ("exponential",), "exponential")
         for key in _UNSUPPORTED_OPTIONS + ("invert_sigmas", "stochastic_sampling"):
-            _require(config, key, (False, None), None)
+            if key not in ("use_dynamic_shifting", "shift_terminal"):
+                _require(config, key, (False, None), None)
+        dynamic = bool(config.get("use_dynamic_shifting"))
+        if dynamic and (mu is None or (sigmas is None and timesteps is None)):
+            raise ValueError("this scheduler config shifts by the token count (use_dynamic_shifting): its pipeline "
+                             "must give the sigmas and mu")
         if flow_shift is None:
             flow_shift = config.get("flow_shift", config.get("shift", 1.0))
         n_train = config.get("num_train_timesteps", 1000)
-        if sigmas is not None:
-            if len(sigmas) != num_steps:
-                raise ValueError(f"{len(sigmas)} sigmas for {num_steps} steps")
-            given = torch.tensor(sigmas, dtype=torch.float64).float()  # numpy's astype(float32)
-            shifted = flow_shift * given / (1 + (flow_shift - 1) * given)  # float32 throughout, as numpy there
-            return cls(torch.cat([shifted, torch.zeros(1)]), shifted * n_train)
-        # diffusers' convention: shift the ends of the training schedule (in float32), space the steps
-        # linearly between them, and shift the result again.
+        given_t = None if timesteps is None else torch.tensor(timesteps, dtype=torch.float64).float()
+        if sigmas is None and timesteps is None:
+            shifted = cls.default_sigmas(num_steps, flow_shift, n_train)
+        else:
+            given = given_t / n_train if sigmas is None else torch.tensor(sigmas, dtype=torch.float64).float()
+            if len(given) != num_steps:
+                raise ValueError(f"{len(given)} {'sigmas' if sigmas is not None else 'timesteps'} for {num_steps} "
+                                 "steps")
+            if dynamic:  # float32 throughout, as numpy there
+                e_mu = torch.tensor(math.exp(mu), dtype=torch.float32)
+                shifted = e_mu / (e_mu + (1 / given - 1))
+            else:
+                shifted = flow_shift * given / (1 + (flow_shift - 1) * given)
+        terminal = config.get("shift_terminal")
+        if terminal:
+            if shifted[-1] == 1:  # diffusers divides 0 by 0 here and samples NaN
+                raise ValueError("a schedule stretched to shift_terminal needs a last noise level below 1 "
+                                 "(at least 2 steps)")
+            one_minus = 1 - shifted
+            shifted = 1 - one_minus / (one_minus[-1] / (1 - terminal))
+        shifted = shifted.float()
+        return cls(torch.cat([shifted, torch.zeros(1)]), shifted * n_train if given_t is None else given_t)
+
+    @staticmethod
+    def default_sigmas(num_steps: int, flow_shift: float, n_train: int) -> torch.Tensor:
+        """diffusers' own schedule: shift the ends of the training schedule (in float32), space the steps linearly
+        between them, and shift the result again; (N,)."""
         ends = torch.tensor([n_train, 1.0]) / n_train
         sigma_max, sigma_min = (flow_shift * ends / (1 + (flow_shift - 1) * ends)).tolist()
         sigmas = [_shift(t / n_train, flow_shift)
                   for t in _linspace(sigma_max * n_train, sigma_min * n_train, num_steps)]
-        sigmas = torch.tensor(sigmas, dtype=torch.float32)
-        return cls(torch.cat([sigmas, torch.zeros(1)]), sigmas * n_train)
+        return torch.tensor(sigmas, dtype=torch.float64)  # float64 up to a shift_terminal stretch, as numpy there
 
     def step(self, velocity: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
         """The sample at sigmas[i + 1], in float32 then cast to the velocity's dtype (as diffusers does)."""
@@ -359,13 +390,15 @@ SCHEDULER_SOLVERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscrete
 
 
 def make_solver(name: str | None, scheduler_config: dict, num_steps: int, flow_shift: float | None = None,
-                generator: torch.Generator | None = None, sigmas: list[float] | None = None) -> Solver:
+                generator: torch.Generator | None = None, sigmas: list[float] | None = None,
+                timesteps: list[float] | None = None, mu: float | None = None) -> Solver:
     """A fresh solver for one run, set up from the checkpoint's scheduler config.
 
     name: "auto" or None picks the solver of the config's own scheduler (its `_class_name`: UniPC for Wan 2.1,
     DDIM for CogVideoX); "unipc" or "euler" for flow-matching configs, "ddim" or "dpm" for CogVideoX configs, any
     of a family on a config of the same family. flow_shift overrides a flow config's shift; generator is the
-    run's noise source, used by DPM only; sigmas, a pipeline's own unshifted noise levels, Euler only.
+    run's noise source, used by DPM only; sigmas or timesteps, a pipeline's own schedule, and mu, its dynamic shift:
+    Euler only (FlowEuler.from_config).
     """
     if name in (None, "auto"):
         scheduler = scheduler_config.get("_class_name")
@@ -377,11 +410,11 @@ def make_solver(name: str | None, scheduler_config: dict, num_steps: int, flow_s
         raise ValueError(f"unknown solver {name!r} (choose one of {sorted(SOLVERS)} or 'auto')")
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    if sigmas is not None and name != "euler":
+    if (sigmas is not None or timesteps is not None) and name != "euler":
         raise ValueError(f"solver {name!r}: this pipeline sets its own noise levels, which only 'euler' follows")
     try:
         if name == "euler":
-            return FlowEuler.from_config(scheduler_config, num_steps, flow_shift, sigmas)
+            return FlowEuler.from_config(scheduler_config, num_steps, flow_shift, sigmas, timesteps, mu)
         if name == "unipc":
             return UniPC.from_config(scheduler_config, num_steps, flow_shift)
         if flow_shift is not None:

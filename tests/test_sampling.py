@@ -2,6 +2,8 @@
 
 import json
 import math
+
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -172,7 +174,6 @@ def test_euler_final_sample_is_x0(wan_config):
     ("use_exponential_sigmas", True),
     ("use_beta_sigmas", True),
     ("use_dynamic_shifting", True),
-    ("shift_terminal", 0.1),
     ("use_flow_sigmas", False),
     ("prediction_type", "epsilon"),
     ("predict_x0", False),
@@ -197,12 +198,19 @@ def test_unipc_rejects_missing_flow_keys(wan_config):
     ("use_dynamic_shifting", True),
     ("invert_sigmas", True),
     ("stochastic_sampling", True),
-    ("shift_terminal", 0.1),
     ("use_flow_sigmas", False),
 ])
 def test_euler_rejects(key, value):
     with pytest.raises(ValueError, match=key):
         FlowEuler.from_config({**FlowMatchEulerDiscreteScheduler().config, key: value}, 10)
+
+
+@pytest.mark.parametrize("steps", [2, 10])
+def test_euler_default_schedule_stretched_to_shift_terminal(steps):
+    reference = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.1)
+    reference.set_timesteps(steps)
+    ours = FlowEuler.from_config(dict(reference.config), steps)
+    assert torch.equal(ours.sigmas, reference.sigmas) and torch.equal(ours.timesteps, reference.timesteps)
 
 
 def test_euler_rejects_cogvideox_config():
@@ -230,3 +238,39 @@ def test_solver_state_is_per_run(wan_config):
     xa = a.step(v, 0, x)
     assert len(a.x0_preds) == 1 and len(b.x0_preds) == 0
     assert torch.equal(xa, b.step(v, 0, x))
+
+
+LTX_CONFIGS = Path(__file__).resolve().parent.parent / "minialg" / "real_configs"
+
+
+@pytest.mark.parametrize("steps", [2, 3, 8, 50])
+@pytest.mark.parametrize("tokens", [96, 1500, 6000])  # below, between and above base/max_image_seq_len
+def test_ltx_dynamic_shift_and_terminal_stretch_equal_diffusers(steps, tokens):
+    """LTX-Video 0.9.0: sigmas 1 .. 1/N, shifted by mu from the token count, stretched to shift_terminal."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.ltx.pipeline_ltx_image2video import calculate_shift
+
+    config = json.loads((LTX_CONFIGS / "LTX-Video" / "scheduler" / "scheduler_config.json").read_text())
+    mu = calculate_shift(tokens, 1024, 4096, 0.95, 2.05)
+    reference = FlowMatchEulerDiscreteScheduler.from_config(config)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    ours = make_solver("auto", config, steps, sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
+    assert torch.equal(ours.sigmas, reference.sigmas) and torch.equal(ours.timesteps, reference.timesteps)
+    with pytest.raises(ValueError, match="mu"):
+        make_solver("auto", config, steps)
+    with pytest.raises(ValueError, match="at least 2 steps"):  # diffusers samples NaN there
+        make_solver("auto", config, 1, sigmas=[1.0], mu=mu)
+
+
+@pytest.mark.parametrize("steps", [2, 7, 40])
+def test_ltx_given_timesteps_equal_diffusers(steps):
+    """LTX-Video 0.9.5+: the linear-quadratic timesteps used as given, their sigmas t / 1000."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.ltx.pipeline_ltx_condition import linear_quadratic_schedule
+
+    config = json.loads((LTX_CONFIGS / "LTX-Video-later" / "scheduler_0.9.5+_config_DERIVED.json").read_text())
+    timesteps = linear_quadratic_schedule(steps) * 1000
+    reference = FlowMatchEulerDiscreteScheduler.from_config(config)
+    reference.set_timesteps(steps, timesteps=timesteps)
+    ours = make_solver("auto", config, steps, timesteps=timesteps.tolist())
+    assert torch.equal(ours.sigmas, reference.sigmas) and torch.equal(ours.timesteps, reference.timesteps)

@@ -50,6 +50,7 @@ def prompt_template(tokenizer: BPETokenizer, config: LlavaConfig) -> dict:
 class HunyuanVideo(Pipeline):
     references = ("HunyuanVideoImageToVideoPipeline",)
     family, two_pass_filters = "hunyuan_video", False  # true-CFG two-pass steps see the sharp condition
+    lp_at_every_step = True  # without true CFG, ALG's one pass sees c_lp at s == 0 too (ALG.md section 8)
     tiled_decode = False  # set True to decode in overlapping spatial tiles too (diffusers' enable_tiling)
 
     @classmethod
@@ -115,9 +116,9 @@ class HunyuanVideo(Pipeline):
     def denoiser_at(self, t, run: dict) -> tuple[torch.nn.Module, float]:
         return self.transformer, run["true_cfg_scale"]
 
-    def sigmas_of(self, steps: int) -> list[float]:
+    def schedule_of(self, steps: int, run: dict) -> dict:
         """The pipeline passes its scheduler linspace(1, 0, steps + 1) without the 0, shifted there."""
-        return _linspace(1.0, 0.0, steps + 1)[:-1]
+        return {"sigmas": _linspace(1.0, 0.0, steps + 1)[:-1]}
 
     def encode_text(self, prompts: list[str], run: dict, pixels: torch.Tensor) -> list[tuple]:
         """Per prompt (prompt, then negative): (LLaMA states (1, T, C), their mask (1, T), CLIP pooled (1, C'),
