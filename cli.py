@@ -41,7 +41,8 @@ SUBCOMMANDS = {  # name -> one line for the top-level help
     "compare": "one run with ALG and one without (same seed): videos, motion reports, report.html",
     "batch": "one video per line of a JSONL manifest: resumable, failures logged, lines shared over torchrun ranks",
 }
-FAMILY_OPTIONS = ("guidance_scale_2", "true_cfg_scale", "i2v_stable")  # generation keys only some families take (checked before the model loads)
+FAMILY_OPTIONS = ("guidance_scale_2", "true_cfg_scale", "i2v_stable", "frame_rate", "guidance_rescale",
+                  "decode_timestep", "decode_noise_scale", "image_cond_noise_scale", "timesteps")  # generation keys only some families take (checked before the model loads)
 OVERRIDES = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")  # run flags over the config
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 FILTERS = ("none", "down_up", "gaussian_blur")
 SCHEDULES = ("none", "interval", "linear", "exponential")
-FAMILIES = ("wan", "cogvideox", "hunyuan_video")
+FAMILIES = ("wan", "cogvideox", "hunyuan_video", "ltx")
 
 
 @dataclass
@@ -127,7 +127,7 @@ def strength(cfg: ALGConfig, i: int, num_steps: int) -> float:
 def three_pass(cfg: ALGConfig, s: float, family: str) -> bool:
     """Whether a step at strength s runs the three-pass ALG batch, by the family's reference rule.
 
-    Wan and HunyuanVideo (with true CFG): whenever s != 0. CogVideoX: also s != 0, but the exponential tail
+    Wan, HunyuanVideo (with true CFG) and LTX-Video: whenever s != 0. CogVideoX: also s != 0, but the exponential tail
     (s < 0.1) falls back to two passes; CogVideoX's two-pass steps still see low_pass(c, cfg, s) (equal to c when
     s == 0), Wan's and HunyuanVideo's see c.
     """

@@ -25,7 +25,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 GENERATION = {"height": int, "width": int, "num_frames": int, "num_inference_steps": int,
               "guidance_scale": (int, float), "guidance_scale_2": (int, float), "negative_prompt": str, "max_sequence_length": int,
               "use_dynamic_cfg": bool, "flow_shift": (int, float), "solver": str, "seed": int,
-              "true_cfg_scale": (int, float), "i2v_stable": bool}
+              "true_cfg_scale": (int, float), "i2v_stable": bool,
+              # LTX-Video (diffusers' names)
+              "frame_rate": (int, float), "guidance_rescale": (int, float), "decode_timestep": (int, float),
+              "decode_noise_scale": (int, float), "image_cond_noise_scale": (int, float), "timesteps": list}
 SECTIONS = {"model": ("path", "dtype", "flow_shift", "flow_reverse"), "generation": tuple(GENERATION), "alg": None,
             "video": ("fps", "resolution")}
 RESOLUTIONS = {"360p": 480, "540p": 720, "720p": 960}  # HunyuanVideo's buckets: the side of the square one

@@ -98,6 +98,7 @@ class Pipeline:
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      max_sequence_length=max_sequence_length, use_dynamic_cfg=use_dynamic_cfg)
         run.update(self.settle_options(self.folder, run, **family_options))
+        self.run = run  # the call's settled settings, for the family's hooks
         alg, steps = run["alg"], num_inference_steps
         self.progress = (0, steps)  # (solver steps done, steps): read by the CLI when a run is interrupted
         cfg, use_alg = run["cfg"], alg.enabled  # cfg: real classifier-free guidance (negative passes)
@@ -196,6 +197,7 @@ def settle(defaults: dict, *, height=None, width=None, num_frames=None, num_infe
                max_sequence_length=max_sequence_length or defaults["max_sequence_length"],
                alg=alg if isinstance(alg, lowpass.ALGConfig) else lowpass.ALGConfig.from_dict(alg))
     run["cfg"] = run["guidance_scale"] > 1.0  # a family whose CFG scale is another keyword resets it
+    run["num_inference_steps"] = num_inference_steps
     multiple = defaults.get("size_multiple", 16)  # VAE stride x patch size
     for name in ("height", "width"):
         if isinstance(run[name], bool) or not isinstance(run[name], int) or run[name] <= 0 or run[name] % multiple:

@@ -20,6 +20,7 @@ FAMILIES = (  # module, class: imported when a folder is first matched (each pul
     ("minialg.families.wan", "Wan"),
     ("minialg.families.cogvideox", "CogVideoX"),
     ("minialg.families.hunyuan", "HunyuanVideo"),
+    ("minialg.families.ltx", "LTXVideo"),
 )
 
 

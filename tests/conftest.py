@@ -129,3 +129,59 @@ def tiny_cogvideox(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_cogvideox15(tmp_path_factory) -> Path:
     return save_tiny_cogvideox(tmp_path_factory.mktemp("tiny-cogvideox15"), "1.5")
+
+
+LTX_VAES = {  # version -> (real VAE config, tiny overrides keeping every block kind of that generation)
+    "0.9.0": ("LTX-Video/vae/config.json", dict(block_out_channels=[8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1])),
+    "0.9.1": ("LTX-Video-later/vae_0.9.1_config.json",
+              dict(block_out_channels=[8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1],
+                   decoder_block_out_channels=[8, 16, 16], decoder_layers_per_block=[1, 1, 1, 1],
+                   decoder_inject_noise=[False, False, False, False])),  # diffusers draws it from the global RNG
+    "0.9.5": ("LTX-Video-later/vae_0.9.5-0.9.8_config.json",
+              dict(block_out_channels=[8, 8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1],
+                   decoder_block_out_channels=[8, 16, 16], decoder_layers_per_block=[1, 1, 1, 1])),
+}
+
+
+def save_tiny_ltx(folder: Path, version: str) -> Path:
+    """A tiny LTX-Video checkpoint saved by diffusers: "0.9.0" (the hub folder's LTXPipeline), "0.9.1" (its
+    timestep-conditioned VAE) or "0.9.5" (LTXConditionPipeline, the 0.9.5 VAE blocks)."""
+    from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXConditionPipeline,
+                           LTXPipeline, LTXVideoTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    (folder / "spm").mkdir(parents=True)
+    spiece = folder / "spm" / "spiece.model"
+    vocab_size = train_tokenizer(spiece)
+    tokenizer = T5Tokenizer.from_pretrained(folder / "spm", extra_ids=0)
+    real = REAL_CONFIGS / "LTX-Video"
+    config = dict(_strip(json.loads((real / "transformer/config.json").read_text())), in_channels=8, out_channels=8,
+                  num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=2,
+                  caption_channels=16)
+    vae_file, vae_tiny = LTX_VAES[version]
+    vae_config = dict(_strip(json.loads((REAL_CONFIGS / vae_file).read_text())), latent_channels=8, **vae_tiny)
+    torch.manual_seed(2)
+    transformer = LTXVideoTransformer3DModel(**config)
+    vae = AutoencoderKLLTXVideo(**vae_config)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=16, d_kv=8, d_ff=32, num_heads=2,
+                                           num_layers=2, relative_attention_num_buckets=8,
+                                           relative_attention_max_distance=16, feed_forward_proj="gated-gelu"))
+    with torch.no_grad():
+        for model in (transformer, vae, text_encoder):
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        vae.latents_mean.copy_(torch.randn(8) * 0.2)  # normalized latents differ from raw ones
+        vae.latents_std.copy_(torch.rand(8) + 0.5)
+    scheduler_file = "LTX-Video-later/scheduler_0.9.5+_config_DERIVED.json" if version == "0.9.5" else \
+        "LTX-Video/scheduler/scheduler_config.json"
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(json.loads((REAL_CONFIGS / scheduler_file).read_text()))
+    cls = LTXConditionPipeline if version == "0.9.5" else LTXPipeline
+    cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+        scheduler=scheduler).save_pretrained(folder / "ckpt")
+    shutil.copy(spiece, folder / "ckpt" / "tokenizer" / "spiece.model")
+    return folder / "ckpt"
+
+
+@pytest.fixture(scope="session", params=["0.9.0", "0.9.1", "0.9.5"])
+def tiny_ltx(request, tmp_path_factory) -> Path:
+    return save_tiny_ltx(tmp_path_factory.mktemp(f"ltx{request.param}"), request.param)
