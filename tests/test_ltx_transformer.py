@@ -141,13 +141,28 @@ def test_coords_per_token_timesteps(pair):
 
 
 @torch.no_grad()
+def test_grid_positions_scale_with_patch_size(tmp_path):
+    """patch_size / patch_size_t (1 in every published config) multiply the grid positions."""
+    ref = LTXVideoTransformer3DModel(**dict(TINY, patch_size=2, patch_size_t=2)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = checkpoint.load(LTXVideoTransformer, LTXVideoTransformerConfig, tmp_path)
+    x, text, mask = inputs(seed=8)
+    timestep = torch.tensor([500.0, 20.0])
+    expected = run_ref(ref, x, text, timestep, mask, grid=GRID, scale=I2V_SCALE)
+    err = rel_err(ours(x, timestep, text, mask, grid=GRID, rope_interpolation_scale=I2V_SCALE), expected)
+    print(f"grid patch 2: rel err {err:.2e}")
+    assert err <= TOL
+
+
+@torch.no_grad()
 def test_one_timestep_as_b_by_1(pair):
     """The condition pipeline without a conditioning image passes t as (B, 1): one timestep per element."""
     _, ours = pair
     x, text, mask = inputs(seed=5)
     timestep = torch.tensor([400.0, 10.0])
     coords = condition_coords(2)
-    assert rel_err(ours(x, timestep[:, None], text, mask, coords=coords), ours(x, timestep, text, mask, coords=coords)) == 0
+    by_column = ours(x, timestep[:, None], text, mask, coords=coords)
+    assert rel_err(by_column, ours(x, timestep, text, mask, coords=coords)) == 0
 
 
 @pytest.mark.parametrize("path", [REAL_2B, REAL_13B], ids=["2B-0.9.0", "13B-0.9.7"])

@@ -198,8 +198,9 @@ class LTXVideoTransformer(nn.Module):
         coords: torch.Tensor | None = None,
         rope_interpolation_scale: tuple[float, float, float] | None = None,
     ) -> torch.Tensor:
-        """x (B, L, C_in) packed tokens, timestep (B,) or one per token (B, L), text (B, T, caption_channels),
-        text_mask (B, T) (1/True: a real token, 0: padding) or None -> (B, L, C_out) in x's dtype.
+        """x (B, L, C_in) packed tokens, timestep (B,) or one per token (B, L) on the schedulers' 0-1000 scale
+        (sigma * 1000), text (B, T, caption_channels), text_mask (B, T) (1/True: a real token, 0: padding) or
+        None -> (B, L, C_out) in x's dtype. x and text in the weights' dtype.
 
         Positions, one of: grid = (F, H, W), the token grid (L = F*H*W), with rope_interpolation_scale (see
         `grid_positions`; LTXImageToVideoPipeline's way); or coords (B, 3, L) float32 per token [frame in
@@ -220,7 +221,7 @@ class LTXVideoTransformer(nn.Module):
             positions = grid_positions(grid, rope_interpolation_scale, cfg.patch_size, cfg.patch_size_t, x.device)
         else:
             positions = coord_positions(coords)
-        cos, sin = (t.unflatten(-1, (cfg.num_attention_heads, -1)).transpose(1, 2)
+        cos, sin = (t.unflatten(-1, (cfg.num_attention_heads, -1)).transpose(1, 2)  # (B|1, N, L, Dh/2) each
                     for t in rope_cos_sin(cfg.num_attention_heads * cfg.attention_head_dim, positions))
         bias = None if text_mask is None else ((1 - text_mask.to(x.dtype)) * -10000.0)[:, None, None, :]
 
