@@ -103,7 +103,8 @@ def gather(rows: torch.Tensor | None, passes: tuple[int, ...]) -> torch.Tensor |
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, N, L, Dh) by the angles in cos/sin (L, Dh/2)."""
+    """Rotate interleaved channel pairs (x[2i], x[2i+1]) of x (B, N, L, Dh) by the angles in cos/sin (L, Dh/2),
+    or in any cos/sin that broadcasts to (B, N, L, Dh/2) (LTX-Video: one table per batch element)."""
     x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, N, L, Dh/2) each
     rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # float32 math, as diffusers
     return rotated.flatten(-2).type_as(x)
@@ -116,7 +117,7 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention on (B, N, L, Dh) queries and (B, N, S, Dh) keys/values -> (B, L, N*Dh); `mask`, if
-    given, is boolean and broadcasts to (B, N, L, S) (True: may attend)."""
+    given, broadcasts to (B, N, L, S): boolean (True: may attend) or a float bias added to the logits."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2).type_as(q)
 
 
