@@ -20,6 +20,7 @@ manifest failed (the others were made; the last line says so and names failures.
 """
 
 import argparse
+import os
 import shlex
 import signal
 import sys
@@ -33,7 +34,7 @@ import torch
 
 import minialg
 from minialg import checkpoint, media, parallel
-from minialg.config import bucket_size, load_config, sized  # noqa: F401  (bucket_size: cli's public names)
+from minialg.config import bucket_size, load_config, sized  # noqa: F401  (bucket_size: still importable from here)
 from minialg.demo import FAMILIES
 from minialg.pipeline import settle
 from minialg.registry import default_preset, pipeline_class
@@ -193,8 +194,6 @@ DEMO_PROMPT = "a red ball bouncing"
 
 
 def demo(args) -> None:
-    import os
-
     from minialg.demo import demo_image, write_tiny
 
     media.video_format(args.output_path)
@@ -244,8 +243,9 @@ def add_run_flags(parser: argparse.ArgumentParser, one_video: bool = True) -> No
         parser.add_argument("--image_path", required=True)
         parser.add_argument("--prompt", required=True)
     else:
-        parser.add_argument("--config", default=None, help="YAML run config or preset name (default: the "
-                            "model's ALG preset, wan_alg or cogvideox_alg; then --model is needed)")
+        parser.add_argument("--config", default=None, help="YAML run config or preset name (default: the ALG "
+                            "preset of the model's own variant, e.g. wan22_alg for Wan 2.2 A14B; then --model is "
+                            "needed)")
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--seed", type=int, default=None, help="default: the config's, else 42 (as the authors)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -362,13 +362,13 @@ def batch_plan(args) -> int:
     prints one line per video that would run and a summary. Loads no weights, writes nothing."""
     from minialg import batch as batches
 
+    if parallel.rank() != 0:  # under torchrun: checked and said once, by rank 0
+        return 0
     config, folder, items, bad, generation, seed = batch_settings(args)
     minialg.check(folder)  # every component's names and shapes; no tensor data read
     lines, counts = batches.plan(items, bad, Path(args.output_dir), generation=generation, seed=seed,
                                  check=lambda settings: check_generation(folder, config, settings),
                                  extension=f".{args.format}", resolution=config.resolution, fixed=flagged(args))
-    if parallel.rank() != 0:  # under torchrun: said once
-        return LINES_FAILED if counts["failed"] else 0
     print("\n".join(lines))
     code = f"; exit status {LINES_FAILED}" if counts["failed"] else ""
     print(f"dry run of {folder} with {args.config or default_preset(folder)}: {counts['run']} would run, "
