@@ -12,9 +12,16 @@ The output's extension picks its format (.mp4, .mkv: H.264; .webm: VP9; .gif); a
 any compute. Ctrl-C (SIGINT) or SIGTERM during a run prints one line ("interrupted after step i of n; nothing
 written"), removes every partial or temporary file and exits with status 130 (SIGINT) or 143 (SIGTERM), the
 shell's 128 + signal number.
+
+Exit status: 0 when the command did what it was asked; 1 for an error, in one line on stderr (bad arguments,
+inputs, config or checkpoint; for `batch`, an error before any video); 3 from `batch` when any line of the
+manifest failed (the others were made; the last line says so and names failures.jsonl), and from `batch
+--dry_run` when any line would fail; 130 / 143 when interrupted.
 """
 
 import argparse
+import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -27,7 +34,7 @@ import torch
 
 import minialg
 from minialg import checkpoint, media, parallel
-from minialg.config import bucket_size, load_config
+from minialg.config import bucket_size, load_config, sized  # noqa: F401  (bucket_size: still importable from here)
 from minialg.demo import FAMILIES
 from minialg.pipeline import settle
 from minialg.registry import default_preset, pipeline_class
@@ -44,6 +51,7 @@ SUBCOMMANDS = {  # name -> one line for the top-level help
 FAMILY_OPTIONS = ("guidance_scale_2", "true_cfg_scale", "i2v_stable", "frame_rate", "guidance_rescale",
                   "decode_timestep", "decode_noise_scale", "image_cond_noise_scale", "timesteps")  # generation keys only some families take (checked before the model loads)
 OVERRIDES = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")  # run flags over the config
+LINES_FAILED = 3  # batch's exit status when some lines failed (1 is an error before any video)
 
 
 @dataclass
@@ -78,9 +86,7 @@ def run_settings(args) -> tuple:
     if not model:
         raise ValueError("no model: set model.path in the config or pass --model")
     image = media.load_image(args.image_path)  # every input checked before the model is loaded
-    if config.resolution:  # HunyuanVideo's video.resolution: the bucket closest to the image's aspect ratio
-        size = dict(zip(("height", "width"), bucket_size(config.resolution, *image.shape[:2])))
-        generation.update({k: v for k, v in size.items() if getattr(args, k) is None})  # flags still win
+    generation = sized(config.resolution, generation, image, keep=flagged(args))  # HunyuanVideo's buckets
     folder = checkpoint.resolve(model)
     check_generation(folder, config, generation)
     return config, folder, image, generation, seed
@@ -101,12 +107,18 @@ def run_config(args, config) -> tuple:
     return config, generation, seed
 
 
-def check_generation(folder: Path, config, generation: dict) -> None:
+def flagged(args) -> set:
+    """The generation settings the command line set: they win over the config and HunyuanVideo's size buckets."""
+    return {name for name in OVERRIDES if getattr(args, name) is not None}
+
+
+def check_generation(folder: Path, config, generation: dict) -> dict:
     """The run's settings against the checkpoint's defaults and the family's own keywords, before the model is
-    loaded."""
+    loaded; returns the settled run (the size and frames the pipeline will use)."""
     family, common = pipeline_class(folder), OVERRIDES + ("max_sequence_length", "use_dynamic_cfg")
     run = settle(family.defaults_of(folder), alg=config.alg, **{k: v for k, v in generation.items() if k in common})
     family.settle_options(folder, run, **{k: v for k, v in generation.items() if k in FAMILY_OPTIONS})
+    return run
 
 
 def load_pipeline(args, folder, config, data_parallel: bool = False) -> "minialg.Pipeline":
@@ -179,24 +191,49 @@ def download(args) -> None:
     print(f"downloaded {args.model} into {dest}")
 
 
+DEMO_PROMPT = "a red ball bouncing"
+
+
 def demo(args) -> None:
     from minialg.demo import demo_image, write_tiny
 
     media.video_format(args.output_path)
+    keep = Path(args.save_model).expanduser() if args.save_model else None
+    if keep is not None and keep.exists() and (not keep.is_dir() or any(keep.iterdir())):
+        raise ValueError(f"--save_model {keep}: already exists and is not an empty folder; name a new one")
     print(f"demo: a tiny {args.family} checkpoint with RANDOM weights, written and run offline on the CPU; "
           "the video is noise, the path through the code is the real one")
-    with tempfile.TemporaryDirectory() as tmp:
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+    # written beside DIR and renamed into place at the end: an interrupted demo leaves no half checkpoint
+    with tempfile.TemporaryDirectory(dir=keep.parent if keep else None) as tmp:
         folder = write_tiny(Path(tmp) / "tiny", args.family)
         pipe = status.pipe = minialg.load(folder, device="cpu", dtype=torch.float32)
         start = time.perf_counter()
-        frames = pipe(demo_image(), "a red ball bouncing", num_frames=17, height=64, width=96,
+        frames = pipe(demo_image(), DEMO_PROMPT, num_frames=17, height=64, width=96,
                       num_inference_steps=args.steps, seed=args.seed, alg=load_config(f"{args.family}_alg").alg)
         if not pipe.layout.writes:
             return
         media.write_video(frames, Path(args.output_path), fps=16)
         status.written.append(args.output_path)
+        if keep is not None:
+            media.write_image(demo_image(), folder / "demo.png")  # the input, for the commands that need one
+            os.replace(folder, keep)  # onto an empty folder too
+            status.written.append(str(keep))
     print(f"wrote {args.output_path}: {frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
           f"{args.steps} steps with ALG in {time.perf_counter() - start:.1f}s")
+    if keep is not None:
+        print(f"kept the checkpoint in {keep} (its input image: {keep / 'demo.png'}); baseline against ALG on it, "
+              "in seconds on the CPU:")
+        print("    " + shlex.join(demo_compare(keep, args.family, args.steps)))
+
+
+def demo_compare(folder: Path, family: str, steps: int) -> list[str]:
+    """The `compare` command for a checkpoint `demo --save_model` kept: the demo's size, few frames, its steps."""
+    return ["python", "cli.py", "compare", "--model", str(folder), "--config", f"{family}_alg", "--image_path",
+            str(folder / "demo.png"), "--prompt", DEMO_PROMPT, "--output_dir", str(folder / "compare"),
+            "--height", "64", "--width", "96", "--num_frames", "9", "--num_inference_steps", str(steps),
+            "--device", "cpu", "--dtype", "float32"]
 
 
 def add_run_flags(parser: argparse.ArgumentParser, one_video: bool = True) -> None:
@@ -207,8 +244,9 @@ def add_run_flags(parser: argparse.ArgumentParser, one_video: bool = True) -> No
         parser.add_argument("--image_path", required=True)
         parser.add_argument("--prompt", required=True)
     else:
-        parser.add_argument("--config", default=None, help="YAML run config or preset name (default: the "
-                            "model's ALG preset, wan_alg or cogvideox_alg; then --model is needed)")
+        parser.add_argument("--config", default=None, help="YAML run config or preset name (default: the ALG "
+                            "preset of the model's own variant, e.g. wan22_alg for Wan 2.2 A14B; then --model is "
+                            "needed)")
     parser.add_argument("--negative_prompt", default=None)
     parser.add_argument("--seed", type=int, default=None, help="default: the config's, else 42 (as the authors)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -242,6 +280,9 @@ def subcommand_parser(name: str) -> argparse.ArgumentParser:
         parser.add_argument("--steps", type=int, default=8)
         parser.add_argument("--family", default="wan", choices=list(FAMILIES))
         parser.add_argument("--seed", type=int, default=42)
+        parser.add_argument("--save_model", default=None, metavar="DIR",
+                            help="keep the tiny checkpoint (and its input image, DIR/demo.png) in DIR, a new or "
+                                 "empty folder, to try compare, batch, check and motion on; prints the compare command")
     if name == "motion":
         parser.add_argument("video", help="a video file PyAV reads (mp4, webm, mkv, gif, ...)")
         parser.add_argument("--image", default=None, help="the input image: adds PSNR and SSIM of frame 0 to it")
@@ -256,6 +297,9 @@ def subcommand_parser(name: str) -> argparse.ArgumentParser:
         parser.add_argument("--output_dir", required=True, help="folder for ID.mp4 and failures.jsonl")
         parser.add_argument("--format", default="mp4", choices=[e[1:] for e in media.VIDEO_FORMATS],
                             help="the videos' format")
+        parser.add_argument("--dry_run", action="store_true",
+                            help="check every line (image, settings, id) and the checkpoint, print what would run "
+                                 "and exit (0: every line would run, 3: some would fail); loads no weights")
         add_run_flags(parser, one_video=False)
     return parser
 
@@ -275,9 +319,12 @@ def top_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def batch(args) -> None:
+def batch(args) -> int:
+    """The manifest's videos; the exit status says whether every line was made (0) or some failed (3)."""
     from minialg import batch as batches
 
+    if args.dry_run:
+        return batch_plan(args)
     parallel.join(args.device or default_device())
     config, folder, items, bad, generation, seed = parallel.together(batch_settings, args)
     output_dir = Path(args.output_dir)
@@ -287,12 +334,48 @@ def batch(args) -> None:
             batches.log_failure(output_dir, record)
     pipe = status.pipe = load_pipeline(args, folder, config, data_parallel=True)
     counts = batches.run(pipe, items, output_dir, generation=generation, seed=seed, alg=config.alg, fps=config.fps,
-                         extension=f".{args.format}", status=status)
+                         extension=f".{args.format}", status=status, resolution=config.resolution,
+                         fixed=flagged(args))
+    counts["failed"] += len(bad) if parallel.rank() == 0 else 0
+    if not pipe.layout.writes:  # a sequence group's other ranks made the same videos: counted once
+        counts = dict.fromkeys(counts, 0)
+    launched = parallel.launched()
     if pipe.layout.writes:
-        who = f"rank {pipe.layout.rank}: " if parallel.launched() else ""
-        failed = counts["failed"] + (len(bad) if parallel.rank() == 0 else 0)
-        print(f"{who}batch: {counts['written']} written, {counts['done']} already there, {failed} failed"
-              + (f" (see {output_dir / 'failures.jsonl'})" if failed else ""))
+        print(batch_line(f"rank {pipe.layout.rank}: batch" if launched else "batch", counts, output_dir,
+                         exit_status=not launched))
+    total = parallel.tally(counts)  # rank 0 waits for the other ranks' counts; None on the others
+    if total is None:
+        return 0
+    if launched:
+        print(batch_line(f"batch, all {parallel.world_size()} ranks", total, output_dir))
+    return LINES_FAILED if total["failed"] else 0
+
+
+def batch_line(who: str, counts: dict, output_dir: Path, exit_status: bool = True) -> str:
+    failed = counts["failed"]
+    where = f" (see {output_dir / 'failures.jsonl'})" if failed else ""
+    code = f"; exit status {LINES_FAILED}" if failed and exit_status else ""
+    return f"{who}: {counts['written']} written, {counts['done']} already there, {failed} failed{where}{code}"
+
+
+def batch_plan(args) -> int:
+    """`batch --dry_run`: the checkpoint checked from its configs and headers, every line as the run checks it;
+    prints one line per video that would run and a summary. Loads no weights, writes nothing."""
+    from minialg import batch as batches
+
+    if parallel.rank() != 0:  # under torchrun: checked and said once, by rank 0
+        return 0
+    config, folder, items, bad, generation, seed = batch_settings(args)
+    minialg.check(folder)  # every component's names and shapes; no tensor data read
+    lines, counts = batches.plan(items, bad, Path(args.output_dir), generation=generation, seed=seed,
+                                 check=lambda settings: check_generation(folder, config, settings),
+                                 extension=f".{args.format}", resolution=config.resolution, fixed=flagged(args))
+    print("\n".join(lines))
+    code = f"; exit status {LINES_FAILED}" if counts["failed"] else ""
+    print(f"dry run of {folder} with {args.config or default_preset(folder)}: {counts['run']} would run, "
+          f"{counts['done']} already there, {counts['failed']} would fail{code} (no weights loaded, nothing "
+          f"written)")
+    return LINES_FAILED if counts["failed"] else 0
 
 
 def batch_settings(args) -> tuple:
@@ -349,7 +432,7 @@ def main(argv=None) -> int:
     status = Status(generating=command in (generate, demo, compare, batch))
     handler = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
-        command(args)
+        code = command(args) or 0
         parallel.leave(barrier=command is not batch)  # batch ranks finish at their own pace
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError is a ValueError
         parallel.leave(ok=False, error=None if isinstance(e, parallel.PeerError) else str(e))
@@ -365,7 +448,7 @@ def main(argv=None) -> int:
     finally:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
-    return 0
+    return code
 
 
 def _main_thread() -> bool:

@@ -64,6 +64,16 @@ def bucket_size(resolution: str, height: int, width: int) -> tuple[int, int]:
     return buckets[min(gaps)[1]]
 
 
+def sized(resolution: str | None, generation: dict, image, keep=()) -> dict:
+    """`generation` for one image: with a HunyuanVideo `video.resolution`, height and width become the bucket
+    closest to the image's aspect ratio (bucket_size), except those named in `keep` (set on the command line or
+    by a batch line's overrides: they win). The single run and every batch line size their image here."""
+    if not resolution:
+        return generation
+    size = dict(zip(("height", "width"), bucket_size(resolution, *image.shape[:2])))
+    return dict(generation, **{k: v for k, v in size.items() if k not in keep})
+
+
 def _unknown(key: str, known, where: str) -> ValueError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""

@@ -1,5 +1,5 @@
 """Image in, video out: decode an image (PyAV), resize it exactly as Pillow does, write a video (H.264 mp4 or
-mkv, VP9 webm, or GIF, by the extension)."""
+mkv, VP9 webm, or GIF, by the extension) or a PNG."""
 
 import math
 import os
@@ -264,6 +264,15 @@ VIDEO_FORMATS = {
                                                  "row-mt": "1"}),  # constant quality, about as sharp as crf 18
     ".gif": ("gif", "gif", "pal8", {}),  # one 256-colour palette for the whole clip (median cut)
 }
+
+
+def write_image(image: torch.Tensor, path: "str | os.PathLike") -> None:
+    """(H, W, 3) uint8 -> a PNG file (PyAV's encoder: no Pillow), which load_image reads back exactly."""
+    with av.open(str(path), mode="w", format="image2") as container:
+        stream = container.add_stream("png", rate=1)
+        stream.height, stream.width, stream.pix_fmt = image.shape[0], image.shape[1], "rgb24"
+        container.mux(stream.encode(av.VideoFrame.from_ndarray(image.contiguous().numpy(), format="rgb24")))
+        container.mux(stream.encode(None))
 
 
 def video_format(path: "str | os.PathLike") -> tuple[str, str, str, dict]:

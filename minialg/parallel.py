@@ -31,6 +31,7 @@ that fails never waits for the others.
 
 import atexit
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -76,6 +77,11 @@ def launched() -> bool:
 def rank() -> int:
     """This process's rank (0 on a single process), known before the process group is joined."""
     return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """How many ranks this run has (1 on a single process)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def timeout() -> timedelta:
@@ -340,6 +346,30 @@ def together(fn, *args, group=None):
             who = dist.get_global_rank(group or dist.group.WORLD, index)
             raise ValueError(message if message == error else f"rank {who}: {message}")
     return result
+
+
+TALLY = "minialg/tally/"  # store keys of `tally`
+
+
+def tally(counts: dict, poll_s: float = 0.5) -> dict | None:
+    """The sums of every rank's `counts`, on rank 0 (None on the others; `counts` itself on a single process).
+
+    Data-parallel ranks (`batch`) finish at their own pace, so this is no collective, which would time out on a
+    rank with more lines: each rank adds its counts to the rendezvous store, rank 0 polls it until every rank
+    has. A rank that failed meanwhile (its message in the store, `leave`) ends the wait with a PeerError."""
+    if not dist.is_initialized():
+        return counts
+    store = dist.distributed_c10d._get_default_store()
+    for name, value in counts.items():
+        store.add(TALLY + name, value)
+    store.add(TALLY + "ranks", 1)  # after the counts: a rank counted here has added them all
+    if dist.get_rank() != 0:
+        return None
+    while store.add(TALLY + "ranks", 0) < dist.get_world_size():
+        if store.check([ERROR_KEY]):
+            raise PeerError(f"rank 0 stopped waiting for the other ranks' counts: {store.get(ERROR_KEY).decode()}")
+        time.sleep(poll_s)
+    return {name: store.add(TALLY + name, 0) for name in counts}
 
 
 def leave(ok: bool = True, error: str | None = None, barrier: bool = True) -> None:

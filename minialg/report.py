@@ -7,6 +7,10 @@ import math
 
 COLOURS = {"baseline": "#4c6ef5", "alg": "#e8590c"}
 LABELS = {"baseline": "baseline", "alg": "ALG"}
+# Where ALG changes little the two curves coincide: the baseline is drawn first, wide and solid, ALG over it
+# narrow and dashed, so either shows through the other (points too: a large dot under a small one).
+STROKES = {"baseline": dict(width=4, dash=None, dot=3.5), "alg": dict(width=2, dash="7 4", dot=2)}
+DEFAULT_STROKE = dict(width=2, dash=None, dot=2.5)
 WIDTH, HEIGHT = 480, 270  # chart size in CSS pixels
 MARGIN = dict(left=62, right=14, top=30, bottom=44)
 
@@ -76,16 +80,20 @@ def line_chart(title: str, x_label: str, y_label: str, series: dict, log_y: bool
         parts.append(f'<line x1="{px(marker[0]):.1f}" x2="{px(marker[0]):.1f}" y1="{top}" y2="{top + plot_h}" '
                      f'class="marker"/><text x="{px(marker[0]) + 4:.1f}" y="{top + 12}" class="tick">'
                      f'{esc(marker[1])}</text>')
-    for k, (name, (sx, sy)) in enumerate(series.items()):
+    wide_first = sorted(series, key=lambda name: -STROKES.get(name, DEFAULT_STROKE)["width"])  # stable
+    for k, name in enumerate(wide_first):
+        sx, sy = series[name]
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy))
-        colour = COLOURS.get(name, "#333")
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        colour, stroke = COLOURS.get(name, "#333"), STROKES.get(name, DEFAULT_STROKE)
+        style = f'stroke="{colour}" stroke-width="{stroke["width"]}"' + \
+            (f' stroke-dasharray="{stroke["dash"]}"' if stroke["dash"] else "")
+        parts.append(f'<polyline points="{points}" fill="none" {style} stroke-linejoin="round"/>')
         if len(sx) <= 40:
-            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>' for x, y in zip(sx, sy)]
-        lx = WIDTH - MARGIN["right"] - 150 + 78 * k  # the legend: one row above the plot, right-aligned
-        parts.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{top - 8}" y2="{top - 8}" stroke="{colour}" '
-                     f'stroke-width="3"/><text x="{lx + 23}" y="{top - 4}" class="legend">'
-                     f'{esc(LABELS.get(name, name))}</text>')
+            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{stroke["dot"]}" fill="{colour}"/>'
+                      for x, y in zip(sx, sy)]
+        lx = WIDTH - MARGIN["right"] - 172 + 90 * k  # the legend: one row above the plot, right-aligned
+        parts.append(f'<line x1="{lx}" x2="{lx + 22}" y1="{top - 8}" y2="{top - 8}" {style}/>'
+                     f'<text x="{lx + 27}" y="{top - 4}" class="legend">{esc(LABELS.get(name, name))}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -1,11 +1,13 @@
 """`compare` end to end on tiny checkpoints of both families (minialg.demo.write_tiny): every output exists and
 parses, the report matches `cli.py motion` on the written videos, an interrupt leaves nothing, and report.html
-renders in headless Chromium (skipped where none is installed)."""
+renders in headless Chromium (skipped where none is installed), identical curves included. The command `demo
+--save_model` prints runs on the checkpoint it leaves behind."""
 
 import base64
 import importlib.util
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,8 +18,9 @@ import pytest
 import torch
 
 import minialg
-from minialg import motion
+from minialg import media, motion
 from minialg.comparison import FILES, GAP
+from minialg.report import STYLE, line_chart
 from minialg.demo import demo_image, write_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,3 +178,62 @@ def test_report_renders_in_headless_chromium(compared, tmp_path):
         return int((np.abs(pixels - np.array(colour)).max(-1) < tolerance).sum())
 
     assert has((232, 89, 12)) > 200 and has((76, 110, 245)) > 50  # ALG orange, baseline blue
+
+
+def test_demo_keeps_its_checkpoint_and_the_compare_it_prints_runs(tmp_path, capsys):
+    keep = tmp_path / "kept"
+    assert cli.main(["demo", "--steps", "1", "--save_model", str(keep), "--output_path", str(tmp_path / "d.mp4")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    command = shlex.split(last)
+    assert command[:3] == ["python", "cli.py", "compare"] and command[command.index("--model") + 1] == str(keep)
+    assert torch.equal(media.load_image(keep / "demo.png"), demo_image())  # the input image, kept exactly
+    assert minialg.check(keep)  # a whole checkpoint, by its configs and headers
+    assert cli.main(command[2:]) == 0
+    assert sorted(p.name for p in (keep / "compare").iterdir()) == sorted(FILES)
+    report = json.loads((keep / "compare" / "report.json").read_text())
+    assert report["settings"]["generation"]["num_inference_steps"] == 1
+    assert report["runs"]["alg"]["motion"]["frames"] == 9
+
+
+def test_demo_refuses_a_non_empty_folder_before_any_compute(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(minialg, "load", lambda *a, **k: pytest.fail("the demo ran"))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    code = cli.main(["demo", "--save_model", str(tmp_path / "full"), "--output_path", str(tmp_path / "d.mp4")])
+    assert code == 1 and capsys.readouterr().err == (f"error: --save_model {tmp_path / 'full'}: already exists and "
+                                                    "is not an empty folder; name a new one\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def strokes(svg: str) -> list[dict]:
+    """Each polyline of a chart: its points and stroke attributes, in drawing order."""
+    return [dict(re.findall(r'([\w-]+)="([^"]*)"', match)) for match in re.findall(r"<polyline ([^>]*)/>", svg)]
+
+
+def test_identical_curves_are_drawn_so_both_show():
+    xs, ys = [0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 2.0, 2.5]
+    for series in ({"baseline": (xs, ys), "alg": (xs, ys)}, {"alg": (xs, ys), "baseline": (xs, ys)}):
+        under, over = strokes(line_chart("t", "x", "y", series))
+        assert under["points"] == over["points"] and (under["stroke"], over["stroke"]) == ("#4c6ef5", "#e8590c")
+        # the one drawn last is narrower and dashed: the first shows along its edges and through its gaps
+        assert float(over["stroke-width"]) <= float(under["stroke-width"]) / 2
+        assert "stroke-dasharray" in over and "stroke-dasharray" not in under
+    dots = re.findall(r'<circle [^>]*r="([\d.]+)" fill="(#\w+)"', line_chart("t", "x", "y", series))
+    assert min(float(r) for r, c in dots if c == "#4c6ef5") > max(float(r) for r, c in dots if c == "#e8590c")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+def test_identical_curves_both_show_in_chromium(tmp_path):
+    from PIL import Image
+
+    xs, ys = [0.1 * k for k in range(12)], [1 + (k % 3) for k in range(12)]
+    svg = line_chart("same curves", "x", "y", {"baseline": (xs, ys), "alg": (xs, ys)})
+    page = tmp_path / "chart.html"
+    page.write_text(f"<!DOCTYPE html><html><head><style>{STYLE} body {{ margin: 0; }}</style></head>"
+                    f"<body>{svg}</body></html>")
+    shot = tmp_path / "chart.png"
+    chromium(f"--user-data-dir={tmp_path / 'profile'}", "--window-size=500,300", f"--screenshot={shot}", page.as_uri())
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)[40:240]  # the plot, below the legend
+    seen = {name: int((np.abs(pixels - np.array(rgb)).max(-1) < 40).sum())
+            for name, rgb in (("baseline", (76, 110, 245)), ("alg", (232, 89, 12)))}
+    assert seen["baseline"] > 300 and seen["alg"] > 300, seen

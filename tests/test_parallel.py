@@ -263,9 +263,13 @@ def test_batch_shares_the_lines_out_over_the_ranks(tiny, image, tmp_path):
             "--model", str(tiny["wan"]), "--device", "cpu", "--dtype", "float32", "--height", "32", "--width", "48",
             "--num_frames", "5", "--num_inference_steps", "2"]
     (code0, out0, err0), (code1, out1, err1) = launch(2, argv, tmp_path, timeout=120)
-    assert code0 == 0 and code1 == 0, err0[-2000:] + err1[-2000:]
-    assert out0.strip() == "rank 0: batch: 2 written, 0 already there, 0 failed"  # a, c
+    # rank 0 waits for every rank's counts and exits with the whole batch's status (3: a line failed); the
+    # others exit 0, so torchrun stops no rank that is still working
+    assert code0 == 3 and code1 == 0, err0[-2000:] + err1[-2000:]
     failures = tmp_path / "out" / "failures.jsonl"
+    assert out0.strip().splitlines() == ["rank 0: batch: 2 written, 0 already there, 0 failed",  # a, c
+                                         f"batch, all 2 ranks: 3 written, 0 already there, 1 failed (see {failures}); "
+                                         "exit status 3"]
     assert out1.strip() == f"rank 1: batch: 1 written, 0 already there, 1 failed (see {failures})"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "c.mp4", "d.mp4", "failures.jsonl"]
     (failure,) = [json.loads(line) for line in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
