@@ -88,12 +88,15 @@ class Pipeline:
                  guidance_scale: float | None = None, seed: int = 42, alg=None,
                  max_sequence_length: int | None = None, use_dynamic_cfg: bool = False,
                  flow_shift: float | None = None, solver: str = "auto", progress: bool = True,
-                 **family_options) -> torch.Tensor:
+                 output_type: str = "frames", **family_options) -> torch.Tensor:
         """Generate a video: float32 (frames, height, width, 3) in [0, 1], on the CPU.
 
         `family_options` are a family's own keywords (Wan 2.2 A14B: `guidance_scale_2`; HunyuanVideo-I2V:
-        `true_cfg_scale`); others are refused.
+        `true_cfg_scale`); others are refused. output_type "latent" returns the denoised state instead, on the
+        device, undecoded (a family's multi-stage recipe goes on from there).
         """
+        if output_type not in ("frames", "latent"):
+            raise ValueError(f"output_type must be 'frames' or 'latent', got {output_type!r}")
         run = settle(self.defaults, height=height, width=width, num_frames=num_frames, alg=alg,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      max_sequence_length=max_sequence_length, use_dynamic_cfg=use_dynamic_cfg)
@@ -150,6 +153,8 @@ class Pipeline:
                 x = solver.step(v, i, x)
                 self.progress = (i + 1, steps)
             self.step_caches = {}  # free the device memory before decoding
+        if output_type == "latent":
+            return x
         with self._timer("decode"):
             video = self.decode(x, condition)  # (3, F, H, W) in [-1, 1]
         return (video / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).float().cpu()

@@ -131,15 +131,16 @@ def tiny_cogvideox15(tmp_path_factory) -> Path:
     return save_tiny_cogvideox(tmp_path_factory.mktemp("tiny-cogvideox15"), "1.5")
 
 
-LTX_VAES = {  # version -> (real VAE config, tiny overrides keeping every block kind of that generation)
+LTX_VAES = {  # version -> (real VAE config, tiny overrides keeping every block kind of that generation; channels
+    # double per level as in the real ones: diffusers' decoder breaks on a timestep-conditioned level that does not)
     "0.9.0": ("LTX-Video/vae/config.json", dict(block_out_channels=[8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1])),
     "0.9.1": ("LTX-Video-later/vae_0.9.1_config.json",
               dict(block_out_channels=[8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1],
-                   decoder_block_out_channels=[8, 16, 16], decoder_layers_per_block=[1, 1, 1, 1],
+                   decoder_block_out_channels=[8, 16, 32], decoder_layers_per_block=[1, 1, 1, 1],
                    decoder_inject_noise=[False, False, False, False])),  # diffusers draws it from the global RNG
     "0.9.5": ("LTX-Video-later/vae_0.9.5-0.9.8_config.json",
-              dict(block_out_channels=[8, 8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1],
-                   decoder_block_out_channels=[8, 16, 16], decoder_layers_per_block=[1, 1, 1, 1])),
+              dict(block_out_channels=[4, 8, 16, 32, 64], layers_per_block=[1, 1, 1, 1, 1],
+                   decoder_block_out_channels=[8, 16, 32], decoder_layers_per_block=[1, 1, 1, 1])),
 }
 
 

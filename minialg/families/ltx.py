@@ -22,15 +22,21 @@ import torch
 
 from .. import checkpoint, media
 from ..models.ltx import LTXVideoTransformer, LTXVideoTransformerConfig, pack, unpack
+from ..models.ltx_upsampler import LTXLatentUpsampler, LTXLatentUpsamplerConfig, upsample
 from ..models.ltx_vae import LTXVideoVAE, LTXVideoVAEConfig
 from ..models.t5 import T5Config, T5Encoder
 from ..models.wan_vae import sample_posterior
+from ..pipeline import settle
 from .t5 import T5Pipeline
 
 OPTIONS = {  # the family's keywords (diffusers' names) and their defaults
     "frame_rate": 25, "guidance_rescale": 0.0, "decode_timestep": 0.0, "decode_noise_scale": None,
     "image_cond_noise_scale": 0.15, "timesteps": None}
-CONDITION_ONLY = ("image_cond_noise_scale", "timesteps")  # LTXConditionPipeline's own
+MULTI_SCALE = {  # the two-stage recipe of 0.9.7/0.9.8 (LTXLatentUpsamplePipeline between two LTXConditionPipeline runs)
+    "upsampler": None, "downscale_factor": 2 / 3, "adain_factor": 0.0, "tone_map_compression_ratio": 0.0,
+    "refine_steps": 10, "refine_strength": 0.4, "refine_timesteps": None}
+CONDITION_ONLY = ("image_cond_noise_scale", "timesteps", "upsampler")  # LTXConditionPipeline's own
+SETTLE = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "alg", "max_sequence_length")
 
 
 def linear_quadratic(steps: int, threshold: float = 0.025) -> list[float]:
@@ -46,6 +52,17 @@ def linear_quadratic(steps: int, threshold: float = 0.025) -> list[float]:
     c = a * linear ** 2
     rising = [i * threshold / linear for i in range(linear)] + [a * i * i + b * i + c for i in range(linear, steps)]
     return torch.tensor([1.0 - r for r in rising]).tolist()
+
+
+def check_timesteps(name: str, steps, count: int) -> None:
+    """Given timesteps: `count` numbers in (0, 1000], decreasing."""
+    if steps is None:
+        return
+    if not isinstance(steps, (list, tuple)) or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                                       and 0 < t <= 1000 for t in steps):
+        raise ValueError(f"{name} must be a list of numbers in (0, 1000], got {steps!r}")
+    if len(steps) != count or list(steps) != sorted(steps, reverse=True):
+        raise ValueError(f"{name} must hold {count} values (one per step), decreasing; got {list(steps)}")
 
 
 class LTXVideo(T5Pipeline):
@@ -79,8 +96,9 @@ class LTXVideo(T5Pipeline):
     @classmethod
     def settle_options(cls, folder: Path, run: dict, **options) -> dict:
         """LTX's keywords, diffusers' names: frame_rate, guidance_rescale, decode_timestep, decode_noise_scale
-        (None: decode_timestep), and for 0.9.5+ image_cond_noise_scale and timesteps (one per step, from ~1000)."""
-        unknown = sorted(set(options) - set(OPTIONS))
+        (None: decode_timestep); for 0.9.5+ image_cond_noise_scale, timesteps (one per step, from ~1000) and the
+        two-stage recipe (MULTI_SCALE: `upsampler`, a LTXLatentUpsamplePipeline folder, turns it on)."""
+        unknown = sorted(set(options) - set(OPTIONS) - set(MULTI_SCALE))
         if unknown:
             raise TypeError(f"unexpected keyword argument '{unknown[0]}' for this checkpoint")
         conditioned = cls.conditioned(folder)
@@ -88,30 +106,77 @@ class LTXVideo(T5Pipeline):
             if options.get(name) is not None and not conditioned:
                 raise ValueError(f"{name} is an option of 0.9.5+ checkpoints (LTXConditionPipeline); this one "
                                  "samples as LTXImageToVideoPipeline")
-        settled = {k: OPTIONS[k] if options.get(k) is None else options[k] for k in OPTIONS}
+        defaults = dict(OPTIONS, **MULTI_SCALE)
+        settled = {k: defaults[k] if options.get(k) is None else options[k] for k in defaults}
+        if settled["upsampler"] is None and any(options.get(k) is not None for k in MULTI_SCALE):
+            raise ValueError(f"{next(k for k in MULTI_SCALE if options.get(k) is not None)} belongs to the "
+                             "two-stage recipe: give the upsampler too")
         for name in ("frame_rate", "guidance_rescale", "decode_timestep", "decode_noise_scale",
-                     "image_cond_noise_scale"):
-            value = settled[name]
+                     "image_cond_noise_scale", "downscale_factor", "adain_factor", "tone_map_compression_ratio",
+                     "refine_strength", "refine_steps"):
+            value, positive = settled[name], name in ("frame_rate", "downscale_factor", "refine_strength")
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
-                                      or (name == "frame_rate" and value == 0)):
-                raise ValueError(f"{name} must be a number >= 0{' (not 0)' if name == 'frame_rate' else ''}, "
-                                 f"got {value!r}")
-        steps = settled["timesteps"]
-        if steps is not None:
-            if not isinstance(steps, (list, tuple)) or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
-                                                               and 0 < t <= 1000 for t in steps):
-                raise ValueError(f"timesteps must be a list of numbers in (0, 1000], got {steps!r}")
-            if len(steps) != run["num_inference_steps"] or list(steps) != sorted(steps, reverse=True):
-                raise ValueError(f"timesteps must hold num_inference_steps={run['num_inference_steps']} values, "
-                                 f"decreasing; got {len(steps)}")
+                                      or (positive and value == 0)):
+                raise ValueError(f"{name} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
+        for name in ("refine_strength", "tone_map_compression_ratio"):
+            if settled[name] > 1:
+                raise ValueError(f"{name} must be at most 1, got {settled[name]!r}")
+        check_timesteps("timesteps", settled["timesteps"], run["num_inference_steps"])
+        check_timesteps("refine_timesteps", settled["refine_timesteps"], settled["refine_steps"])
+        if settled["upsampler"] is not None:
+            settled["upsampler"] = checkpoint.resolve(settled["upsampler"])
+            upsampler = settled["upsampler"] / "latent_upsampler"
+            checkpoint.plan(checkpoint.build(LTXLatentUpsampler, LTXLatentUpsamplerConfig, upsampler), upsampler)
         if settled["decode_noise_scale"] is None:
             settled["decode_noise_scale"] = settled["decode_timestep"]
         return settled
+
+    @torch.no_grad()
+    def __call__(self, image, prompt: str, **options) -> torch.Tensor:
+        """With `upsampler`, the two-stage recipe of 0.9.7/0.9.8 as diffusers documents it: stage 1 (with ALG) at
+        downscale_factor of the size (rounded down to multiples of 32), the latents upsampled 2x (AdaIN toward
+        them by adain_factor, then the tone map), stage 2 from them: the last refine_strength of refine_steps
+        (or of refine_timesteps) without ALG at twice the stage-1 size, each stage seeded anew with `seed`; the
+        frames resized to the size asked for (as 8-bit images, Pillow's Lanczos). Without it, one run."""
+        if options.get("upsampler") is None:
+            return super().__call__(image, prompt, **options)
+        run = settle(self.defaults, **{k: options[k] for k in SETTLE if k in options})
+        stage = self.settle_options(self.folder, run, **{k: v for k, v in options.items() if k in OPTIONS or
+                                                         k in MULTI_SCALE})
+        options = {k: v for k, v in options.items() if k not in MULTI_SCALE}
+        height, width = (max(32, int(n * stage["downscale_factor"]) // 32 * 32) for n in (run["height"], run["width"]))
+        latents = super().__call__(image, prompt, **dict(options, height=height, width=width, output_type="latent"))
+        latents = torch.cat([self.frame0, latents[:, :, 1:]], dim=2)
+        timings = dict(self.timings)
+        if self.upsampler is None or self.upsampler[0] != stage["upsampler"]:
+            module = checkpoint.load(LTXLatentUpsampler, LTXLatentUpsamplerConfig,
+                                     stage["upsampler"] / "latent_upsampler", self.device, self.dtype)
+            self.upsampler = (stage["upsampler"], module)
+        vae = self.vae
+        with self._timer("upsample"):
+            latents = upsample(self.upsampler[1], latents, vae.latents_mean, vae.latents_std,
+                               vae.config.scaling_factor, stage["adain_factor"], stage["tone_map_compression_ratio"])
+        steps = stage["refine_timesteps"] or self.schedule_of(stage["refine_steps"], run)["timesteps"]
+        kept = min(int(len(steps) * stage["refine_strength"]), len(steps))  # diffusers' denoise_strength
+        steps = steps[len(steps) - kept:]
+        self.start = (latents.float(), torch.tensor(steps[0] / 1000, dtype=torch.float32).item())
+        try:
+            frames = super().__call__(image, prompt, **dict(options, height=2 * height, width=2 * width, alg=None,
+                                                            num_inference_steps=len(steps), timesteps=steps))
+        finally:
+            self.start = None
+        self.timings = {k: timings.get(k, 0.0) + self.timings.get(k, 0.0) for k in {**timings, **self.timings}}
+        if frames.shape[1:3] != (run["height"], run["width"]):
+            pixels = (frames * 255).round().to(torch.uint8)
+            frames = torch.stack([media.resize(f, run["height"], run["width"], "lanczos") for f in pixels]) / 255
+        return frames
 
     def __init__(self, folder, modules, device, encoder_device, dtype, streamed=False):
         super().__init__(folder, modules, device, encoder_device, dtype, streamed)
         self.is_conditioned = self.conditioned(folder)
         self.spatial, self.temporal = self.vae.spatial_compression, self.vae.temporal_compression
+        self.upsampler = None  # (folder, module) of the two-stage recipe, loaded at its first use
+        self.start = None  # stage 2: (latents (1, C, F, h, w), sigma) to start from instead of pure noise
 
     def grid_of(self, run: dict) -> tuple[int, int, int]:
         """The latent (frames, height, width) of a run."""
@@ -129,9 +194,9 @@ class LTXVideo(T5Pipeline):
         return {"sigmas": torch.linspace(1.0, 1 / steps, steps, dtype=torch.float64).tolist(), "mu": mu}
 
     def encode_text(self, prompts: list[str], run: dict, pixels) -> list[tuple]:
-        """T5 states of the padded prompts (the encoder sees no mask), and the mask the transformer gets:
-        [((1, L, C), (1, L))]."""
-        states, mask = self._text_states(prompts, run["max_sequence_length"], masked=False)
+        """T5 states of the padded prompts and the mask the transformer gets: [((1, L, C), (1, L))]. The encoder
+        attends to the padding in LTXImageToVideoPipeline, not in LTXConditionPipeline."""
+        states, mask = self._text_states(prompts, run["max_sequence_length"], masked=self.is_conditioned)
         return [(h[None].to(self.dtype), m[None]) for h, m in zip(states, mask)]
 
     def prepare(self, pixels, height, width, num_frames, generator):
@@ -143,6 +208,9 @@ class LTXVideo(T5Pipeline):
         shape = (1, self.transformer.config.in_channels, *self.grid)
         if self.is_conditioned:
             noise = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+            if self.start is not None:  # stage 2: the upsampled latents, noised to the first sigma
+                latents, sigma = self.start
+                noise = sigma * noise + (1 - sigma) * latents
             c = self.condition(frame, num_frames, generator)
         else:
             c = self.condition(frame, num_frames, generator)
