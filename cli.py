@@ -173,9 +173,9 @@ def check(args) -> None:
               f"{row['parameters'] / 1e9:.3f} B parameters")
         if "format" in row:  # a transformer from a file of its own
             sharded = f"{row['files']} shards" if row["files"] > 1 else "one file"
-            print(f"{'':14s} {getattr(args, row['component'])}: {row['model']}; {row['format']} layout "
-                  f"({row['names']} names, {sharded}); {row['precision']}; {row['bytes'] / 1e9:.2f} GB; "
-                  f"config {row['config']}")
+            print(f"{'':14s} {getattr(args, row['component'])}: {row['model']}\n{'':14s} {row['format']} layout "
+                  f"({row['names']} names, {sharded}, {row['bytes'] / 1e9:.2f} GB): {row['precision']}\n"
+                  f"{'':14s} config: {row['config']}")
     print(f"ok: {args.model} matches its configs")
 
 

@@ -7,6 +7,11 @@ sharded with a `*.safetensors.index.json` naming the file of every tensor.
 Loading never materialises a module on the CPU first: the module is built on the meta device from its config,
 every tensor name and shape is checked against the safetensors headers (no tensor data read), and only then
 are the tensors streamed one by one to the target device and dtype.
+
+The same path loads weights from elsewhere: `Weights` names a component's config, its files and a renaming of
+their tensors (minialg.single_file: a Wan transformer as one file, or in the official layout), and `load` takes
+a per-tensor `transform`, where a step such as merging a LoRA hooks in. Tensors are kept as the file stores them
+where a module says so (minialg.fp8: fp8 block weights stay fp8).
 """
 
 import dataclasses
@@ -131,21 +136,21 @@ class Weights:
     about: dict = dataclasses.field(default_factory=dict)
 
 
-def weights_in(source: "Path | Weights") -> Weights:
+def weights_in(source: Path | Weights) -> Weights:
     """A component folder in diffusers' layout (config.json and its safetensors) as Weights; Weights as they are."""
     if isinstance(source, Weights):
         return source
     return Weights(read_json(source / "config.json"), weight_files(source), source)
 
 
-def build(model_cls, config_cls, source: "Path | Weights"):
+def build(model_cls, config_cls, source: Path | Weights):
     """The component's module on the meta device, from its config."""
     config = config_from(config_cls, weights_in(source).config)
     with torch.device("meta"):
         return model_cls(config)
 
 
-def plan(module: torch.nn.Module, source: "Path | Weights") -> dict[Path, list[tuple[str, str]]]:
+def plan(module: torch.nn.Module, source: Path | Weights) -> dict[Path, list[tuple[str, str]]]:
     """Check a component's tensors against its module from the headers alone.
 
     Returns file -> [(name in the file, name in the module)]. Raises on a missing, unexpected or mis-shaped
@@ -183,7 +188,7 @@ def plan(module: torch.nn.Module, source: "Path | Weights") -> dict[Path, list[t
     return by_file
 
 
-def load(model_cls, config_cls, source: "Path | Weights", device="cpu", dtype=torch.float32,
+def load(model_cls, config_cls, source: Path | Weights, device="cpu", dtype=torch.float32,
          transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
     """Build on meta, check the headers, then stream each tensor straight to `device` in `dtype`.
 

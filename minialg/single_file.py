@@ -33,6 +33,7 @@ import math
 import re
 from pathlib import Path
 
+from . import fp8
 from .checkpoint import SAFETENSORS_DTYPES, CheckpointError, Weights, read_header, read_json, weight_files
 
 REAL = Path(__file__).resolve().parent / "real_configs"
@@ -113,31 +114,7 @@ def weights(path, config_file: Path) -> Weights:
     files = weight_files(path) if path.is_dir() else [path]
     stored = {name: info for file in files for name, info in read_header(file).items()}
     prefix = PREFIX if any(name.startswith(PREFIX) for name in stored) else ""
-    names = {name.removeprefix(prefix): info for name, info in stored.items()}
-    official = "blocks.0.self_attn.q.weight" in names
-    if "patch_embedding.weight" not in names or not (official or "blocks.0.attn1.to_q.weight" in names):
-        found = ", ".join(sorted(stored)[:4]) or "none"
-        raise CheckpointError(f"{path}: not a Wan transformer (no patch_embedding.weight / "
-                              f"blocks.0.self_attn.q.weight); found keys like {found}")
-    ours = {to_diffusers(n) if official else n: info for n, info in names.items() if n.split(".")[-1] not in SKIPPED}
-    scaled = "scaled_fp8" in names
-    for name, (dtype, _) in ours.items():
-        if scaled and dtype.startswith("F8_") and name.endswith(".weight") and \
-                f"{name[:-len('weight')]}scale_weight" not in ours:
-            raise CheckpointError(f"{path}: a scaled fp8 file, but fp8 tensor '{name}' has no scale_weight")
-    shape = shape_in(ours)
-    config, config_from = pick_config(path, shape, config_file)
-    sizes = {}  # dtype -> (tensors, bytes)
-    for dtype, dims in ours.values():
-        count, size = sizes.get(dtype, (0, 0))
-        sizes[dtype] = count + 1, size + SAFETENSORS_DTYPES.get(dtype, 0) * math.prod(dims)
-    about = {"format": ("comfyui" if prefix else "official" if official else "diffusers"),
-             "names": "official" if official else "diffusers",
-             "model": VARIANTS[published(shape).parent.parent.name] if published(shape) else
-             f"a Wan transformer ({describe(shape)})", "config": str(config_from),
-             "precision": ", ".join(f"{d} {n} tensors {size / 1e9:.2f} GB" for d, (n, size) in
-                                    sorted(sizes.items(), key=lambda item: -item[1][1])) + ("; scaled fp8" * scaled),
-             "bytes": sum(file.stat().st_size for file in files)}
+    official = f"{prefix}blocks.0.self_attn.q.weight" in stored
 
     def rename(name: str) -> str | None:
         name = name.removeprefix(prefix)
@@ -148,7 +125,34 @@ def weights(path, config_file: Path) -> Weights:
     def file_name(name: str) -> str:
         return prefix + (to_official(name) if official else name)
 
+    ours = {rename(name): info for name, info in stored.items() if rename(name) is not None}  # diffusers' names
+    if "patch_embedding.weight" not in ours or "blocks.0.attn1.to_q.weight" not in ours:
+        raise CheckpointError(f"{path}: not a Wan transformer (no patch_embedding.weight / blocks.0.self_attn.q."
+                              f"weight); found keys like {', '.join(sorted(stored)[:4]) or 'none'}")
+    scaled = f"{prefix}scaled_fp8" in stored
+    for name, (dtype, _) in ours.items():
+        if scaled and dtype in fp8.FP8 and name.endswith(".weight") and name[:-6] + "scale_weight" not in ours:
+            raise CheckpointError(f"{path}: a scaled fp8 file, but fp8 tensor '{file_name(name)}' has no "
+                                  "scale_weight")
+    shape = shape_in(ours)
+    config, config_path = pick_config(path, shape, config_file)
+    known = published(shape)
+    about = {"format": "comfyui" if prefix else "official" if official else "diffusers",
+             "names": "official" if official else "diffusers", "config": str(config_path),
+             "model": VARIANTS[known.parent.parent.name] if known else f"a Wan transformer ({describe(shape)})",
+             "precision": precision(ours) + ("; scaled fp8" if scaled else ""),
+             "bytes": sum(file.stat().st_size for file in files)}
     return Weights(config, files, path, rename, file_name, about)
+
+
+def precision(stored: dict) -> str:
+    """The dtypes of the tensors, the largest share first: "F8_E4M3 480 tensors 16.15 GB, F32 1295 tensors ..."."""
+    sizes = {}  # dtype -> (tensors, bytes)
+    for dtype, shape in stored.values():
+        count, size = sizes.get(dtype, (0, 0))
+        sizes[dtype] = count + 1, size + SAFETENSORS_DTYPES.get(dtype, 0) * math.prod(shape)
+    return ", ".join(f"{dtype} {count} tensors {size / 1e9:.2f} GB"
+                     for dtype, (count, size) in sorted(sizes.items(), key=lambda item: -item[1][1]))
 
 
 def pick_config(path: Path, shape: tuple, config_file: Path) -> tuple[dict, Path]:

@@ -66,25 +66,26 @@ def block_linear(name: str, shape) -> bool:
 
 def store(state: dict, precision: str) -> tuple[dict, dict]:
     """(the tensors as a file in `precision` stores them, under diffusers' names; the same values in float32).
-    fp8: block Linear weights in fp8, the rest bf16 (plain) or float32 (scaled: fp8 * a float32 scale_weight,
-    and the `scaled_fp8` marker), as ComfyUI's and Kijai's files."""
+    Plain fp8: every matrix and kernel in fp8 (the embeddings' and the head's too), biases and norms in bf16.
+    Scaled fp8, as ComfyUI's and Kijai's files: the block Linear weights as fp8 times a float32 scale_weight,
+    the rest float32, and the `scaled_fp8` marker."""
     kind = precision.removeprefix("scaled_")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "e4m3": E4M3, "e5m2": E5M2}[kind]
     scaled = precision.startswith("scaled_")
     stored, values = {}, {}
     for name, t in state.items():
-        if dtype.itemsize > 1 or not block_linear(name, t.shape):
-            rest = dtype if dtype.itemsize > 1 else torch.float32 if scaled else torch.bfloat16
-            stored[name] = t.to(rest)
-            values[name] = stored[name].float()
-        elif scaled:
+        if scaled and block_linear(name, t.shape):
             scale = t.abs().max().float() / torch.finfo(dtype).max
             stored[name] = (t / scale).to(dtype)
             stored[name[:-len("weight")] + "scale_weight"] = scale.reshape([1] if dtype == E4M3 else [])
             values[name] = stored[name].float() * scale
+            continue
+        if dtype.itemsize == 1:
+            fp8_here = not scaled and name.endswith(".weight") and t.ndim >= 2
+            stored[name] = t.to(dtype if fp8_here else torch.float32 if scaled else torch.bfloat16)
         else:
             stored[name] = t.to(dtype)
-            values[name] = stored[name].float()
+        values[name] = stored[name].float()
     if scaled:
         stored["scaled_fp8"] = torch.zeros(2 if dtype == E4M3 else 0, dtype=dtype)
     return stored, values
@@ -178,7 +179,8 @@ def test_video_equals_the_folder_run_on_the_stored_values(tiny_wan, tiny_state, 
     linear, norm = pipe.transformer.blocks[1].attn2.add_k_proj, pipe.transformer.blocks[1].norm2
     fp8_dtype = {"e4m3": E4M3, "e5m2": E5M2}.get(precision.removeprefix("scaled_"))
     assert linear.weight.dtype == (fp8_dtype or torch.float32)  # fp8 in memory; the rest in the compute dtype
-    assert linear.bias.dtype == norm.weight.dtype == pipe.transformer.proj_out.weight.dtype == torch.float32
+    outside = pipe.transformer.proj_out.weight, pipe.transformer.patch_embedding.weight  # fp8 in the plain fp8 file
+    assert linear.bias.dtype == norm.weight.dtype == outside[0].dtype == outside[1].dtype == torch.float32
     if fp8_dtype is not None:  # the fp8 values are not the original ones: the comparison above has teeth
         assert (reference_video(precision) - reference_video("fp32")).abs().max() > 1e-3
         assert isinstance(linear, fp8.Fp8Linear) and (linear.scale_weight is not None) == ("scaled" in precision)
@@ -237,15 +239,22 @@ def block_args(model: WanTransformer, args) -> tuple:
     return modulation, cos, sin, (0, 1), None, text, image
 
 
-def test_fp8_linear_up_casts_to_the_input_dtype():
-    linear = torch.nn.Linear(8, 4).bfloat16()
-    weight = torch.randn(4, 8).to(E4M3)
-    scale = torch.tensor(0.37)
+def fp8_linear(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> fp8.Fp8Linear:
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0]).to(dtype)
     linear.__class__ = fp8.Fp8Linear
     linear.weight, linear.scale_weight = torch.nn.Parameter(weight, False), torch.nn.Parameter(scale, False)
-    x = torch.randn(3, 8, dtype=torch.bfloat16)
-    expected = torch.nn.functional.linear(x, (weight.float() * scale).bfloat16(), linear.bias)
-    assert torch.equal(linear(x), expected) and linear.weight.dtype == E4M3
+    return linear
+
+
+def test_fp8_linear_up_casts_to_the_input_dtype():
+    weight, scale = torch.randn(32, 64).to(E4M3), torch.tensor([0.37])
+    linear, x = fp8_linear(weight, scale, torch.bfloat16), torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, (weight.float() * scale).bfloat16(), linear.bias))
+        assert linear.weight.dtype == E4M3
+        linear, x = fp8_linear(weight, scale, torch.float32), x.float()
+        compiled = torch.compile(linear, fullgraph=True, dynamic=False)  # inductor: the cast fused into the read
+        assert torch.allclose(compiled(x), linear(x), rtol=1e-6, atol=1e-6)
 
 
 def test_a_transform_sees_every_tensor_once(tiny_wan, tiny_state, tiny_config, tmp_path):
@@ -294,7 +303,7 @@ def test_a_scaled_file_without_a_scale_is_refused(tiny_wan, tiny_state, tiny_con
     stored = store(tiny_state, "scaled_e4m3")[0]
     del stored["blocks.1.ffn.net.2.scale_weight"]
     file = write_form(tmp_path / "wan", stored, "official", tiny_config)
-    with pytest.raises(CheckpointError, match="fp8 tensor 'blocks.1.ffn.net.2.weight' has no scale_weight"):
+    with pytest.raises(CheckpointError, match="fp8 tensor 'blocks.1.ffn.2.weight' has no scale_weight"):
         minialg.check(tiny_wan, transformer=file)
 
 
@@ -393,7 +402,8 @@ def test_the_real_wan21_files_are_recognised(real):
     out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "check", str(real["wan"]), "--transformer",
                           str(real["fp8"])], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert "Wan 2.1 I2V 14B (480P or 720P); comfyui layout (official names, one file)" in out.stdout
+    assert f"{real['fp8']}: Wan 2.1 I2V 14B (480P or 720P)\n" in out.stdout
+    assert "comfyui layout (official names, one file, 17.14 GB): F8_E4M3 480" in out.stdout and "; scaled fp8\n" in out.stdout
 
 
 def test_the_real_wan22_files_are_recognised(real):
@@ -431,3 +441,15 @@ def test_check_names_a_broken_tensor(real, tmp_path, problem):
     write_sparse(tmp_path / "broken.safetensors", tensors)
     with pytest.raises(CheckpointError, match=re.escape(message)):
         minialg.check(real["wan"], transformer=tmp_path / "broken.safetensors")
+
+
+def test_check_names_a_tensor_missing_from_an_official_shard(real, tmp_path):
+    broken = tmp_path / "Wan2.1-I2V-14B-480P"
+    shutil.copytree(real["official"], broken, copy_function=os.link)  # hard links: the sparse files stay unread
+    index = json.loads((broken / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    name, tensors = "blocks.7.norm3.weight", real_tensors(WAN, "official", "bf16")
+    part = {n: tensors[n] for n, f in index["weight_map"].items() if f == index["weight_map"][name] and n != name}
+    (broken / index["weight_map"][name]).unlink()
+    write_sparse(broken / index["weight_map"][name], part)
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{name}' missing from {broken}")):
+        minialg.check(real["wan"], transformer=broken)
