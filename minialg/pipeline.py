@@ -65,8 +65,8 @@ class Pipeline:
     @classmethod
     def weights_from(cls, folder: Path, component: str, path) -> "checkpoint.Weights":
         """A component's weights from a file or folder of its own (load's transformer=, transformer_2=)."""
-        raise checkpoint.CheckpointError(f"{folder}: minialg reads separate transformer files for Wan checkpoints "
-                                         f"only (this is a {cls.__name__} checkpoint)")
+        raise checkpoint.CheckpointError(f"{folder}: a {cls.__name__} checkpoint takes no {component} from a "
+                                         "separate file; its folder's is used")
 
     @classmethod
     def dtype_of(cls, component: str, dtype: torch.dtype) -> torch.dtype:

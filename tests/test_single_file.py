@@ -200,9 +200,9 @@ def test_two_expert_files(tmp_path_factory, test_image):
     assert not torch.equal(q, q_2)  # two different experts, so the video above tells them apart
 
 
-def transformer_from(file: Path, folder: Path, dtype=torch.float32) -> WanTransformer:
+def transformer_from(file: Path, folder: Path) -> WanTransformer:
     source = single_file.weights(file, folder / "transformer" / "config.json")
-    return checkpoint.load(WanTransformer, WanTransformerConfig, source, "cpu", dtype)
+    return checkpoint.load(WanTransformer, WanTransformerConfig, source, "cpu", torch.float32)
 
 
 def inputs(config: dict):
