@@ -123,6 +123,7 @@ def check_generation(folder: Path, config, generation: dict) -> dict:
 
 def load_pipeline(args, folder, config, data_parallel: bool = False) -> "minialg.Pipeline":
     return minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
+                        transformer=args.transformer, transformer_2=args.transformer_2,
                         offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks,
                         cache_cross_attention=not args.no_cache, sequence_parallel=args.sequence_parallel,
                         data_parallel=data_parallel)
@@ -179,10 +180,15 @@ def motion(args) -> None:
 
 
 def check(args) -> None:
-    summary = minialg.check(args.model)
+    summary = minialg.check(args.model, transformer=args.transformer, transformer_2=args.transformer_2)
     for row in summary:
         print(f"{row['component']:14s} {row['class']:16s} {row['tensors']:5d} tensors in {row['files']} file(s), "
               f"{row['parameters'] / 1e9:.3f} B parameters")
+        if "format" in row:  # a transformer from a file of its own
+            sharded = f"{row['files']} shards" if row["files"] > 1 else "one file"
+            print(f"{'':14s} {getattr(args, row['component'])}: {row['model']}\n{'':14s} {row['format']} layout "
+                  f"({row['names']} names, {sharded}, {row['bytes'] / 1e9:.2f} GB): {row['precision']}\n"
+                  f"{'':14s} config: {row['config']}")
     print(f"ok: {args.model} matches its configs")
 
 
@@ -251,6 +257,7 @@ def add_run_flags(parser: argparse.ArgumentParser, one_video: bool = True) -> No
     parser.add_argument("--seed", type=int, default=None, help="default: the config's, else 42 (as the authors)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--model", default=None, help="checkpoint folder or hub repo id (overrides model.path)")
+    add_transformer_flags(parser)
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     for name, kind in zip(OVERRIDES, (int, int, int, int, float)):
         parser.add_argument(f"--{name}", type=kind, default=None, help=f"overrides the config's generation.{name}")
@@ -269,10 +276,20 @@ def add_run_flags(parser: argparse.ArgumentParser, one_video: bool = True) -> No
     parser.add_argument("--model_cache_dir", default=None, help=argparse.SUPPRESS)  # the authors' flag
 
 
+def add_transformer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transformer", default=None, metavar="FILE",
+                        help="Wan: the transformer from a file or folder of its own (official, ComfyUI or diffusers "
+                             "names; fp32, bf16, fp16, fp8, scaled fp8) instead of the model folder's")
+    parser.add_argument("--transformer_2", default=None, metavar="FILE",
+                        help="Wan 2.2 I2V-A14B: the low-noise expert from a file or folder of its own")
+
+
 def subcommand_parser(name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"cli.py {name}", description=SUBCOMMANDS[name])
     if name in ("check", "download"):
         parser.add_argument("model", help="checkpoint folder or hub repo id")
+    if name == "check":
+        add_transformer_flags(parser)
     if name == "download":
         parser.add_argument("--dest", help="target folder (default: weights/NAME)")
     if name == "demo":

@@ -7,6 +7,11 @@ sharded with a `*.safetensors.index.json` naming the file of every tensor.
 Loading never materialises a module on the CPU first: the module is built on the meta device from its config,
 every tensor name and shape is checked against the safetensors headers (no tensor data read), and only then
 are the tensors streamed one by one to the target device and dtype.
+
+The same path loads weights from elsewhere: `Weights` names a component's config, its files and a renaming of
+their tensors (minialg.single_file: a Wan transformer as one file, or in the official layout), and `load` takes
+a per-tensor `transform`, where a step such as merging a LoRA hooks in. Tensors are kept as the file stores them
+where a module says so (minialg.fp8: fp8 block weights stay fp8).
 """
 
 import dataclasses
@@ -14,9 +19,12 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
+
+from . import fp8
 
 WEIGHTS_DIR = Path(os.environ.get("MINIALG_WEIGHTS", Path(__file__).resolve().parent.parent / "weights"))
 # what a run needs from a hub checkpoint; legacy .bin/.pth files and other variants are never fetched
@@ -115,59 +123,92 @@ def config_from(config_cls, values: dict):
     return config_cls(**{k: v for k, v in values.items() if k in known})
 
 
-def build(model_cls, config_cls, folder: Path):
-    """The component's module on the meta device, from its config.json."""
-    config = config_from(config_cls, read_json(folder / "config.json"))
+@dataclasses.dataclass
+class Weights:
+    """Where one component's weights come from: its config (a config.json's dict), its safetensors files, and how
+    their tensor names become the module's. `rename` maps a name in the files to the module's (None: skip the
+    tensor); `file_name` maps back, for messages; `about` says what the files are (check's summary)."""
+    config: dict
+    files: list[Path]
+    where: Path  # the folder or file, in messages
+    rename: Callable[[str], str | None] = lambda name: name
+    file_name: Callable[[str], str] = lambda name: name
+    about: dict = dataclasses.field(default_factory=dict)
+
+
+def weights_in(source: Path | Weights) -> Weights:
+    """A component folder in diffusers' layout (config.json and its safetensors) as Weights; Weights as they are."""
+    if isinstance(source, Weights):
+        return source
+    return Weights(read_json(source / "config.json"), weight_files(source), source)
+
+
+def build(model_cls, config_cls, source: Path | Weights):
+    """The component's module on the meta device, from its config."""
+    config = config_from(config_cls, weights_in(source).config)
     with torch.device("meta"):
         return model_cls(config)
 
 
-def plan(module: torch.nn.Module, folder: Path) -> dict[Path, list[tuple[str, str]]]:
+def plan(module: torch.nn.Module, source: Path | Weights) -> dict[Path, list[tuple[str, str]]]:
     """Check a component's tensors against its module from the headers alone.
 
     Returns file -> [(name in the file, name in the module)]. Raises on a missing, unexpected or mis-shaped
-    tensor, naming it and its file.
+    tensor, naming it and its file. Block Linear layers whose weights the files hold in fp8 first become fp8
+    layers (minialg.fp8), so that what is checked, and then loaded, is the precision as stored.
     """
-    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    source = weights_in(source)
     rename = getattr(module, "checkpoint_name", lambda name: name)
+    entries = []  # (file, name in the file, name in the module, dtype, shape)
+    for file in source.files:
+        for name, (dtype, shape) in read_header(file).items():
+            target = source.rename(name)
+            target = None if target is None else rename(target)
+            if target is not None:
+                entries.append((file, name, target, dtype, shape))
+    fp8.keep_fp8(module, {target: (dtype, shape) for _, _, target, dtype, shape in entries})
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     by_file, found, problems = {}, {}, []
-    for file in weight_files(folder):
-        for name, (_, shape) in read_header(file).items():
-            target = rename(name)
-            if target is None:
-                continue
-            if target not in expected:
-                problems.append(f"unexpected tensor '{name}' in {file}")
-            elif shape != expected[target]:
-                problems.append(f"tensor '{name}' in {file} has shape {list(shape)}, "
-                                f"the config says {list(expected[target])}")
-            elif target in found:
-                problems.append(f"tensor '{name}' in {file} is also in {found[target]}")
-            else:
-                found[target] = file
-                by_file.setdefault(file, []).append((name, target))
-    problems += [f"tensor '{name}' missing from {folder}" for name in expected if name not in found]
+    for file, name, target, _, shape in entries:
+        if target not in expected:
+            problems.append(f"unexpected tensor '{name}' in {file}")
+        elif shape != expected[target]:
+            problems.append(f"tensor '{name}' in {file} has shape {list(shape)}, "
+                            f"the config says {list(expected[target])}")
+        elif target in found:
+            problems.append(f"tensor '{name}' in {file} is also in {found[target]}")
+        else:
+            found[target] = file
+            by_file.setdefault(file, []).append((name, target))
+    problems += [f"tensor '{source.file_name(name)}' missing from {source.where}"
+                 for name in expected if name not in found]
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise CheckpointError(problems[0] + more)
     return by_file
 
 
-def load(model_cls, config_cls, folder: Path, device="cpu", dtype=torch.float32) -> torch.nn.Module:
+def load(model_cls, config_cls, source: Path | Weights, device="cpu", dtype=torch.float32,
+         transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
     """Build on meta, check the headers, then stream each tensor straight to `device` in `dtype`.
 
-    Floating tensors with a dotted name part in the module's `fp32_params` stay float32 (diffusers' rule).
+    Floating tensors with a dotted name part in the module's `fp32_params` stay float32 (diffusers' rule); the
+    tensors a layer names in its `stored` (minialg.fp8: fp8 weights and their scales) stay as the file stores
+    them. `transform(name in the module, tensor)`, if given, sees every tensor as read, before its dtype is set,
+    and returns the tensor to keep: the place for a per-tensor step such as merging a LoRA.
     """
-    module = build(model_cls, config_cls, folder)
+    module = build(model_cls, config_cls, source)
     keep_fp32 = getattr(module, "fp32_params", ())
-    for file, names in plan(module, folder).items():
+    for file, names in plan(module, source).items():
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for file_name, module_name in names:
                 tensor = f.get_tensor(file_name)
-                if tensor.is_floating_point():
-                    fp32 = any(part in keep_fp32 for part in module_name.split("."))
-                    tensor = tensor.to(torch.float32 if fp32 else dtype)
+                if transform is not None:
+                    tensor = transform(module_name, tensor)
                 owner, _, leaf = module_name.rpartition(".")
                 sub = module.get_submodule(owner)
+                if tensor.is_floating_point() and leaf not in getattr(sub, "stored", ()):
+                    fp32 = any(part in keep_fp32 for part in module_name.split("."))
+                    tensor = tensor.to(torch.float32 if fp32 else dtype)
                 sub._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
     return module.eval()

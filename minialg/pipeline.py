@@ -64,6 +64,12 @@ class Pipeline:
         return ["scheduler/scheduler_config.json"]
 
     @classmethod
+    def weights_from(cls, folder: Path, component: str, path) -> "checkpoint.Weights":
+        """A component's weights from a file or folder of its own (load's transformer=, transformer_2=)."""
+        raise checkpoint.CheckpointError(f"{folder}: a {cls.__name__} checkpoint takes no {component} from a "
+                                         "separate file; its folder's is used")
+
+    @classmethod
     def dtype_of(cls, component: str, dtype: torch.dtype) -> torch.dtype:
         """The dtype a component runs in when the pipeline is loaded in `dtype`."""
         return cls.dtypes.get(component, dtype)

@@ -46,24 +46,42 @@ def default_preset(folder: Path) -> str:
     return pipeline_class(folder).preset_of(folder)
 
 
-def check(model) -> list[dict]:
-    """Validate a checkpoint from its configs and safetensors headers alone; one summary dict per component."""
+def components(folder: Path, transformer=None, transformer_2=None) -> dict[str, tuple]:
+    """Each component's (module class, config class, weights): its sub-folder, or, for a transformer given as a
+    file or folder of its own, what the family reads there (Pipeline.weights_from)."""
+    cls = pipeline_class(folder)
+    parts = {sub: (model_cls, config_cls, folder / sub) for sub, (model_cls, config_cls) in
+             cls.components_of(folder).items()}
+    for sub, path in (("transformer", transformer), ("transformer_2", transformer_2)):
+        if path is not None and sub not in parts:
+            raise checkpoint.CheckpointError(f"{folder} has one transformer: {sub} is for two-expert checkpoints "
+                                             "(Wan 2.2 I2V-A14B)")
+        if path is not None:
+            parts[sub] = parts[sub][:2] + (cls.weights_from(folder, sub, path),)
+    return parts
+
+
+def check(model, transformer=None, transformer_2=None) -> list[dict]:
+    """Validate a checkpoint from its configs and safetensors headers alone; one summary dict per component.
+    `transformer`, `transformer_2`: a transformer's weights from a file or folder of their own (as in load); their
+    rows also say what the file is (format, names, model, precision, bytes)."""
     folder = checkpoint.resolve(model)
     cls = pipeline_class(folder)
     for file in cls.files_of(folder):
         if not (folder / file).is_file():
             raise checkpoint.CheckpointError(f"missing file: {folder / file}")
     summary = []
-    for sub, (model_cls, config_cls) in cls.components_of(folder).items():
-        module = checkpoint.build(model_cls, config_cls, folder / sub)
-        files = checkpoint.plan(module, folder / sub)
+    for sub, (model_cls, config_cls, source) in components(folder, transformer, transformer_2).items():
+        module = checkpoint.build(model_cls, config_cls, source)
+        files = checkpoint.plan(module, source)
         params = sum(t.numel() for t in module.state_dict().values())
+        about = source.about if isinstance(source, checkpoint.Weights) else {}
         summary.append({"component": sub, "class": model_cls.__name__, "files": len(files),
-                        "tensors": sum(len(names) for names in files.values()), "parameters": params})
+                        "tensors": sum(len(names) for names in files.values()), "parameters": params, **about})
     return summary
 
 
-def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool | None = None, compile: bool = False,
+def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transformer_2=None, offload_encoders: bool | None = None, compile: bool = False,
          stream_blocks: bool = False, cache_cross_attention: bool = True, sequence_parallel: int = 1,
          data_parallel: bool = False) -> Pipeline:
     """Load a checkpoint folder (diffusers' layout) or hub repo id into a ready-to-call pipeline.
@@ -72,6 +90,9 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool |
     CLIP in float32, HunyuanVideo's VAE and text encoders in float16 beside a bfloat16 denoiser, the rest in
     `dtype`. With `offload_encoders`, the text and image encoders live on the CPU and visit `device` only to
     encode; None lets the family choose (Pipeline.offload_by_default: on for HunyuanVideo on small CUDA cards).
+    `transformer`, `transformer_2` (Wan): the transformer's weights from a file or folder of their own instead
+    of the folder's (minialg.single_file: official, ComfyUI or diffusers names; fp32, bf16, fp16, fp8, scaled
+    fp8 as stored); `model` gives the rest. fp8 weights stay fp8 in memory (minialg.fp8).
     `compile` compiles each transformer block (regional torch.compile); `stream_blocks` keeps the transformer's
     blocks in CPU memory and streams them to `device` one at a time (minialg.gpu), for small GPUs. Where a
     checkpoint has two denoisers (Wan 2.2 A14B), the one not in use waits in CPU memory.
@@ -93,19 +114,20 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, offload_encoders: bool |
         raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
     device = torch.device(device)
     folder = checkpoint.resolve(model)
-    check(folder)  # every component's names and shapes, before any tensor data is read
+    check(folder, transformer, transformer_2)  # every component's names and shapes, before any tensor data is read
     cls = pipeline_class(folder)
     if offload_encoders is None:
         offload_encoders = cls.offload_by_default(device)
-    parallel.check_heads(layout, {sub: checkpoint.read_json(folder / sub / "config.json")["num_attention_heads"]
-                                  for sub in cls.components_of(folder) if sub.startswith("transformer")})
+    parts = components(folder, transformer, transformer_2)
+    parallel.check_heads(layout, {sub: checkpoint.weights_in(source).config["num_attention_heads"]
+                                  for sub, (_, _, source) in parts.items() if sub.startswith("transformer")})
     encoder_device = torch.device("cpu") if offload_encoders else device
     modules = {}
-    for sub, (model_cls, config_cls) in cls.components_of(folder).items():
+    for sub, (model_cls, config_cls, source) in parts.items():
         where = encoder_device if sub.startswith(("text_encoder", "image_encoder")) else device
         if sub.startswith("transformer") and (stream_blocks or sub != "transformer"):
             where = torch.device("cpu")  # streamed blocks start there; a second expert waits there
-        modules[sub] = checkpoint.load(model_cls, config_cls, folder / sub, where, cls.dtype_of(sub, dtype))
+        modules[sub] = checkpoint.load(model_cls, config_cls, source, where, cls.dtype_of(sub, dtype))
     for sub in [s for s in modules if s.startswith("transformer")]:
         if stream_blocks:
             gpu.stream_blocks(modules[sub], device)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, media
+from .. import checkpoint, media, single_file
 from ..models.clip import CLIPVision, CLIPVisionConfig, preprocess as clip_preprocess
 from ..models.t5 import T5Config, T5Encoder, clean_prompt
 from ..models.wan import WanTransformer, WanTransformerConfig
@@ -66,6 +66,11 @@ class Wan(T5Pipeline):
         clip = "image_encoder" in cls.components_of(folder)
         return super().files_of(folder) + (["image_processor/preprocessor_config.json"] if clip else [])
 
+    @classmethod
+    def weights_from(cls, folder: Path, component: str, path) -> checkpoint.Weights:
+        """A single file or an official folder (minialg.single_file), configured like the folder's component."""
+        return single_file.weights(path, folder / component / "config.json")
+
     def __init__(self, folder, modules, device, encoder_device, dtype, streamed=False):
         super().__init__(folder, modules, device, encoder_device, dtype, streamed)
         index = checkpoint.read_json(folder / "model_index.json")
@@ -83,7 +88,8 @@ class Wan(T5Pipeline):
     def defaults_of(folder: Path) -> dict:
         """diffusers' WanImageToVideoPipeline defaults; sizes are multiples of the VAE stride x patch size."""
         vae = checkpoint.read_json(folder / "vae" / "config.json")
-        patch = checkpoint.read_json(folder / "transformer" / "config.json").get("patch_size", [1, 2, 2])
+        config = folder / "transformer" / "config.json"  # absent where the transformer comes from its own file
+        patch = checkpoint.read_json(config).get("patch_size", [1, 2, 2]) if config.is_file() else [1, 2, 2]
         return dict(height=480, width=832, num_frames=81, guidance_scale=5.0, max_sequence_length=512,
                     frames_4k1=True, dynamic_cfg=False, size_multiple=vae.get("scale_factor_spatial", 8) * patch[1])
 
