@@ -169,5 +169,8 @@ def load(model_cls, config_cls, folder: Path, device="cpu", dtype=torch.float32)
                     tensor = tensor.to(torch.float32 if fp32 else dtype)
                 owner, _, leaf = module_name.rpartition(".")
                 sub = module.get_submodule(owner)
-                sub._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+                if leaf in sub._buffers:  # a persistent buffer (LTX-Video's latents_mean / latents_std)
+                    sub._buffers[leaf] = tensor
+                else:
+                    sub._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
     return module.eval()
