@@ -122,8 +122,8 @@ class ResnetBlock(nn.Module):
         h = self.conv2(F.silu(h))
         if self.per_channel_scale2 is not None:
             h = h + spatial_noise(h, self.per_channel_scale2, generator)
-        if self.norm3 is not None:
-            x = self.conv_shortcut(self.norm3(x.movedim(1, -1)).movedim(-1, 1))
+        if self.norm3 is not None:  # contiguous: the layout the reference's 1x1x1 conv gets (same roundings)
+            x = self.conv_shortcut(self.norm3(x.movedim(1, -1)).movedim(-1, 1).contiguous())
         return h + x
 
 
@@ -297,7 +297,8 @@ class LTXVideoVAE(nn.Module):
             raise NotImplementedError(f"down_block_types {cfg.down_block_types} (only {sorted(known)})")
         types = [t for t, b in zip(cfg.downsample_type, cfg.down_block_types) if b == "LTXVideo095DownBlock3D"]
         if not set(types) <= {"conv", *DOWNSAMPLE_STRIDES}:
-            raise NotImplementedError(f"downsample_type {cfg.downsample_type} (only conv, {', '.join(DOWNSAMPLE_STRIDES)})")
+            allowed = ", ".join(["conv", *DOWNSAMPLE_STRIDES])
+            raise NotImplementedError(f"downsample_type {cfg.downsample_type} (only {allowed})")
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
@@ -313,6 +314,22 @@ class LTXVideoVAE(nn.Module):
     def temporal_compression(self) -> int:
         cfg = self.config
         return cfg.temporal_compression_ratio or cfg.patch_size_t * 2 ** sum(cfg.spatio_temporal_scaling)
+
+    def _latent_stats(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std), each (1, C_z, 1, 1, 1) in z's dtype and device."""
+        return tuple(stat.view(1, -1, 1, 1, 1).to(z.device, z.dtype) for stat in (self.latents_mean, self.latents_std))
+
+    def normalize(self, z: torch.Tensor, scaling_factor: float | None = None) -> torch.Tensor:
+        """VAE latents -> the DiT's latent space, as the pipelines: (z - mean) * scaling_factor / std, the
+        statistics cast to z's dtype first. scaling_factor: None for the config's (the image-to-video pipeline
+        passes none when it normalises the encoded image, so 1.0; every published config has 1.0)."""
+        mean, std = self._latent_stats(z)
+        return (z - mean) * (self.config.scaling_factor if scaling_factor is None else scaling_factor) / std
+
+    def denormalize(self, z: torch.Tensor, scaling_factor: float | None = None) -> torch.Tensor:
+        """The DiT's latent space -> VAE latents: z * std / scaling_factor + mean (None: the config's)."""
+        mean, std = self._latent_stats(z)
+        return z * std / (self.config.scaling_factor if scaling_factor is None else scaling_factor) + mean
 
     def encode(
         self,
@@ -352,7 +369,7 @@ class LTXVideoVAE(nn.Module):
         if not self.config.timestep_conditioning:
             timestep = None
         elif timestep is None:
-            raise ValueError("this VAE's decoder is timestep-conditioned: pass a timestep (the pipelines' 0.0 - 0.05)")
+            raise ValueError("this VAE's decoder is timestep-conditioned: pass a timestep (official configs: 0.05)")
         elif not torch.is_tensor(timestep) or timestep.ndim == 0:
             timestep = torch.as_tensor(timestep, dtype=z.dtype, device=z.device).expand(z.shape[0])
         decode = partial(self.decoder, timestep=timestep, generator=generator)
