@@ -210,5 +210,8 @@ def load(model_cls, config_cls, source: Path | Weights, device="cpu", dtype=torc
                 if tensor.is_floating_point() and leaf not in getattr(sub, "stored", ()):
                     fp32 = any(part in keep_fp32 for part in module_name.split("."))
                     tensor = tensor.to(torch.float32 if fp32 else dtype)
-                sub._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+                if leaf in sub._buffers:  # a persistent buffer (LTX-Video's latents_mean / latents_std)
+                    sub._buffers[leaf] = tensor
+                else:
+                    sub._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
     return module.eval()

@@ -67,7 +67,7 @@ class ChunkedConv3d(nn.Conv3d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= MAX_CONV_ELEMENTS:
+        if x.numel() <= MAX_CONV_ELEMENTS or self.stride[0] != 1:  # slices would need stride-aligned overlaps
             return super().forward(x)
         overlap = self.kernel_size[0] - 1
         num_frames = x.shape[2]
@@ -79,17 +79,24 @@ class ChunkedConv3d(nn.Conv3d):
 class CausalConv3d(nn.Module):
     """Conv3d, zero-padded in H and W, padded in time with k_t - 1 frames on the left.
 
-    The time padding is the cached end of the previous batch's input, or copies of the first frame.
+    The time padding is the cached end of the previous batch's input, or copies of the first frame. With
+    causal=False (LTX-Video's decoder) time is padded symmetrically instead, (k_t - 1) / 2 copies of the first
+    frame before and of the last frame after, and no cache is used.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kernel_size: int):
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int, stride: int = 1, causal: bool = True):
         super().__init__()
-        self.time_pad = kernel_size - 1
-        self.conv = ChunkedConv3d(in_dim, out_dim, kernel_size, padding=(0, kernel_size // 2, kernel_size // 2))
+        self.causal = causal
+        self.time_pad = kernel_size - 1 if causal else (kernel_size - 1) // 2
+        pad = (0, kernel_size // 2, kernel_size // 2)
+        self.conv = ChunkedConv3d(in_dim, out_dim, kernel_size, stride=stride, padding=pad)
 
     def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        # x: (B, C_in, T, H, W) -> (B, C_out, T, H, W)
-        if self.time_pad > 0:
+        # x: (B, C_in, T, H, W) -> (B, C_out, T / stride, H / stride, W / stride)
+        if self.time_pad > 0 and not self.causal:
+            repeat = (1, 1, self.time_pad, 1, 1)
+            x = torch.cat([x[:, :, :1].repeat(repeat), x, x[:, :, -1:].repeat(repeat)], dim=2)
+        elif self.time_pad > 0:
             previous = cache.get(self) if cache is not None else None
             if previous is None:
                 previous = x[:, :, :1].repeat(1, 1, self.time_pad, 1, 1)

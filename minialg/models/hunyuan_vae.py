@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .tiling import run_in_frame_tiles, run_in_tiles
+from .tiling import decode_in_tiles, encode_in_tiles, run_in_frame_tiles
 
 TILE_SIZE = (256, 256)  # the reference's default spatial tile (pixels: height, width) and stride
 TILE_STRIDE = (192, 192)
@@ -324,15 +324,7 @@ class HunyuanVideoVAE(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     def _encode_in_tiles(self, video: torch.Tensor, tile_size, tile_stride) -> torch.Tensor:
-        rs = self.config.spatial_compression_ratio
-        tile, stride = [s // rs for s in tile_size], [s // rs for s in tile_stride]
-        extent = [t - s for t, s in zip(tile, stride)]
-        h = run_in_tiles(video, self._encode, tile_size, tile_stride, extent, stride)
-        return h[..., : video.shape[3] // rs, : video.shape[4] // rs]
+        return encode_in_tiles(video, self._encode, self.config.spatial_compression_ratio, tile_size, tile_stride)
 
     def _decode_in_tiles(self, z: torch.Tensor, tile_size, tile_stride) -> torch.Tensor:
-        rs = self.config.spatial_compression_ratio
-        tile, stride = [s // rs for s in tile_size], [s // rs for s in tile_stride]
-        extent = [t - s for t, s in zip(tile_size, tile_stride)]
-        video = run_in_tiles(z, self._decode, tile, stride, extent, tile_stride)
-        return video[..., : z.shape[3] * rs, : z.shape[4] * rs]
+        return decode_in_tiles(z, self._decode, self.config.spatial_compression_ratio, tile_size, tile_stride)

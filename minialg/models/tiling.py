@@ -1,7 +1,7 @@
 """Running a VAE on overlapping tiles and cross-fading the seams, as diffusers' tiled VAEs do.
 
-Used by the CogVideoX and HunyuanVideo VAEs: spatial tiles (rows x columns, each tile blended into the one above
-and the one to its left) and, for HunyuanVideo, frame tiles (each blended into the one before).
+Used by the CogVideoX, HunyuanVideo and LTX-Video VAEs: spatial tiles (rows x columns, each tile blended into the
+one above and the one to its left) and, for HunyuanVideo, frame tiles (each blended into the one before).
 """
 
 from typing import Callable
@@ -49,6 +49,24 @@ def run_in_tiles(
             if j > 0:
                 blend(row[j - 1], out, extent[1], dim=4)
     return torch.cat([torch.cat([out[..., : keep[0], : keep[1]] for out in row], dim=4) for row in rows], dim=3)
+
+
+def encode_in_tiles(video: torch.Tensor, encode: Run, ratio: int, tile_size, tile_stride) -> torch.Tensor:
+    """Encode on tile_size-pixel tiles every tile_stride pixels (ratio: the spatial compression); the latent tiles
+    are blended over (tile - stride) / ratio rows/columns and keep stride / ratio of them (HunyuanVideo, LTX)."""
+    tile, stride = [s // ratio for s in tile_size], [s // ratio for s in tile_stride]
+    extent = [t - s for t, s in zip(tile, stride)]
+    h = run_in_tiles(video, encode, tile_size, tile_stride, extent, stride)
+    return h[..., : video.shape[3] // ratio, : video.shape[4] // ratio]
+
+
+def decode_in_tiles(z: torch.Tensor, decode: Run, ratio: int, tile_size, tile_stride) -> torch.Tensor:
+    """Decode on latent tiles of tile_size / ratio every tile_stride / ratio (sizes in pixels); the video tiles are
+    blended over tile_size - tile_stride pixels and keep tile_stride of them (HunyuanVideo, LTX)."""
+    tile, stride = [s // ratio for s in tile_size], [s // ratio for s in tile_stride]
+    extent = [t - s for t, s in zip(tile_size, tile_stride)]
+    video = run_in_tiles(z, decode, tile, stride, extent, tile_stride)
+    return video[..., : z.shape[3] * ratio, : z.shape[4] * ratio]
 
 
 def run_in_frame_tiles(x: torch.Tensor, run: Run, tile: int, stride: int, extent: int, keep: int) -> torch.Tensor:

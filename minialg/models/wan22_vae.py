@@ -31,11 +31,20 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return rearrange(x, "b (c pw ph) t h w -> b c t (h ph) (w pw)", ph=p, pw=p)
 
 
+def fold(x: torch.Tensor, factor_t: int, factor_s: int) -> torch.Tensor:
+    # (B, C, T, H, W) -> (B, C ft fs fs, T/ft, H/fs, W/fs): each ft x fs x fs cell into channels (c, t, row, column)
+    return rearrange(x, "b c (t ft) (h fh) (w fw) -> b (c ft fh fw) t h w", ft=factor_t, fh=factor_s, fw=factor_s)
+
+
+def unfold(x: torch.Tensor, factor_t: int, factor_s: int) -> torch.Tensor:
+    # (B, C ft fs fs, T, H, W) -> (B, C, T ft, H fs, W fs), the inverse of fold
+    return rearrange(x, "b (c ft fh fw) t h w -> b c (t ft) (h fh) (w fw)", ft=factor_t, fh=factor_s, fw=factor_s)
+
+
 def average_down(x: torch.Tensor, out_dim: int, factor_t: int, factor_s: int) -> torch.Tensor:
     """(B, C, T, H, W) -> (B, out_dim, ceil(T/ft), H/fs, W/fs): fold ft x fs x fs cells into channels, average
     groups of consecutive channels. An odd frame count gets zero frames in front, like a causal conv."""
-    x = F.pad(x, (0, 0, 0, 0, -x.shape[2] % factor_t, 0))
-    x = rearrange(x, "b c (t ft) (h fh) (w fw) -> b (c ft fh fw) t h w", ft=factor_t, fh=factor_s, fw=factor_s)
+    x = fold(F.pad(x, (0, 0, 0, 0, -x.shape[2] % factor_t, 0)), factor_t, factor_s)
     b, c, t, h, w = x.shape
     return x.contiguous().view(b, out_dim, c // out_dim, t, h, w).mean(dim=2)
 
@@ -43,8 +52,7 @@ def average_down(x: torch.Tensor, out_dim: int, factor_t: int, factor_s: int) ->
 def duplicate_up(x: torch.Tensor, out_dim: int, factor_t: int, factor_s: int) -> torch.Tensor:
     """(B, C, T, H, W) -> (B, out_dim, T ft, H fs, W fs): repeat each channel, unfold the copies into cells."""
     repeats = out_dim * factor_t * factor_s * factor_s // x.shape[1]
-    x = x.repeat_interleave(repeats, dim=1)
-    return rearrange(x, "b (c ft fh fw) t h w -> b c (t ft) (h fh) (w fw)", ft=factor_t, fh=factor_s, fw=factor_s)
+    return unfold(x.repeat_interleave(repeats, dim=1), factor_t, factor_s)
 
 
 class ResidualDownBlock(nn.Module):
