@@ -48,8 +48,8 @@ SUBCOMMANDS = {  # name -> one line for the top-level help
     "compare": "one run with ALG and one without (same seed): videos, motion reports, report.html",
     "batch": "one video per line of a JSONL manifest: resumable, failures logged, lines shared over torchrun ranks",
 }
-FAMILY_OPTIONS = ("guidance_scale_2", "true_cfg_scale", "i2v_stable", "frame_rate", "guidance_rescale",
-                  "decode_timestep", "decode_noise_scale", "image_cond_noise_scale", "timesteps")  # generation keys only some families take (checked before the model loads)
+LOOP_OPTIONS = ("negative_prompt", "flow_shift", "solver", "seed")  # generation keys of the loop itself; the
+# others beside the OVERRIDES and common ones are the family's own (checked by it before the model loads)
 OVERRIDES = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")  # run flags over the config
 LINES_FAILED = 3  # batch's exit status when some lines failed (1 is an error before any video)
 
@@ -117,7 +117,8 @@ def check_generation(folder: Path, config, generation: dict) -> dict:
     loaded; returns the settled run (the size and frames the pipeline will use)."""
     family, common = pipeline_class(folder), OVERRIDES + ("max_sequence_length", "use_dynamic_cfg")
     run = settle(family.defaults_of(folder), alg=config.alg, **{k: v for k, v in generation.items() if k in common})
-    family.settle_options(folder, run, **{k: v for k, v in generation.items() if k in FAMILY_OPTIONS})
+    own = {k: v for k, v in generation.items() if k not in common and k not in LOOP_OPTIONS}
+    family.settle_options(folder, run, **own)
     return run
 
 

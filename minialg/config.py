@@ -28,7 +28,10 @@ GENERATION = {"height": int, "width": int, "num_frames": int, "num_inference_ste
               "true_cfg_scale": (int, float), "i2v_stable": bool,
               # LTX-Video (diffusers' names)
               "frame_rate": (int, float), "guidance_rescale": (int, float), "decode_timestep": (int, float),
-              "decode_noise_scale": (int, float), "image_cond_noise_scale": (int, float), "timesteps": list}
+              "decode_noise_scale": (int, float), "image_cond_noise_scale": (int, float), "timesteps": list,
+              "upsampler": str, "downscale_factor": (int, float), "adain_factor": (int, float),
+              "tone_map_compression_ratio": (int, float), "refine_steps": int, "refine_strength": (int, float),
+              "refine_timesteps": list}
 SECTIONS = {"model": ("path", "dtype", "flow_shift", "flow_reverse"), "generation": tuple(GENERATION), "alg": None,
             "video": ("fps", "resolution")}
 RESOLUTIONS = {"360p": 480, "540p": 720, "720p": 960}  # HunyuanVideo's buckets: the side of the square one

@@ -186,3 +186,20 @@ def save_tiny_ltx(folder: Path, version: str) -> Path:
 @pytest.fixture(scope="session", params=["0.9.0", "0.9.1", "0.9.5"])
 def tiny_ltx(request, tmp_path_factory) -> Path:
     return save_tiny_ltx(tmp_path_factory.mktemp(f"ltx{request.param}"), request.param)
+
+
+def save_tiny_ltx_upsampler(folder: Path) -> Path:
+    """A tiny LTXLatentUpsamplePipeline folder as the hub's Lightricks/ltxv-spatial-upscaler-0.9.7: model_index.json
+    and latent_upsampler/ (the VAE comes from the video checkpoint)."""
+    from diffusers.pipelines.ltx.modeling_latent_upsampler import LTXLatentUpsamplerModel
+
+    torch.manual_seed(3)
+    model = LTXLatentUpsamplerModel(in_channels=8, mid_channels=32, num_blocks_per_stage=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(folder / "latent_upsampler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "LTXLatentUpsamplePipeline", "latent_upsampler": ["diffusers", "LTXLatentUpsamplerModel"],
+        "vae": [None, None]}))
+    return folder

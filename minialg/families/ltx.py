@@ -54,6 +54,11 @@ def linear_quadratic(steps: int, threshold: float = 0.025) -> list[float]:
     return torch.tensor([1.0 - r for r in rising]).tolist()
 
 
+def linear_quadratic_timesteps(steps: int) -> list[float]:
+    """The schedule's timesteps as LTXConditionPipeline passes them: 1000 sigma, in float32."""
+    return (torch.tensor(linear_quadratic(steps)) * 1000).tolist()
+
+
 def check_timesteps(name: str, steps, count: int) -> None:
     """Given timesteps: `count` numbers in (0, 1000], decreasing."""
     if steps is None:
@@ -124,6 +129,10 @@ class LTXVideo(T5Pipeline):
         check_timesteps("timesteps", settled["timesteps"], run["num_inference_steps"])
         check_timesteps("refine_timesteps", settled["refine_timesteps"], settled["refine_steps"])
         if settled["upsampler"] is not None:
+            count = len(settled["refine_timesteps"] or ()) or settled["refine_steps"]
+            if not isinstance(settled["refine_steps"], int) or int(count * settled["refine_strength"]) < 1:
+                raise ValueError(f"refine_strength {settled['refine_strength']} of {count} refine steps keeps no "
+                                 "step (the refinement runs the last int(steps x strength))")
             settled["upsampler"] = checkpoint.resolve(settled["upsampler"])
             upsampler = settled["upsampler"] / "latent_upsampler"
             checkpoint.plan(checkpoint.build(LTXLatentUpsampler, LTXLatentUpsamplerConfig, upsampler), upsampler)
@@ -156,7 +165,7 @@ class LTXVideo(T5Pipeline):
         with self._timer("upsample"):
             latents = upsample(self.upsampler[1], latents, vae.latents_mean, vae.latents_std,
                                vae.config.scaling_factor, stage["adain_factor"], stage["tone_map_compression_ratio"])
-        steps = stage["refine_timesteps"] or self.schedule_of(stage["refine_steps"], run)["timesteps"]
+        steps = stage["refine_timesteps"] or linear_quadratic_timesteps(stage["refine_steps"])
         kept = min(int(len(steps) * stage["refine_strength"]), len(steps))  # diffusers' denoise_strength
         steps = steps[len(steps) - kept:]
         self.start = (latents.float(), torch.tensor(steps[0] / 1000, dtype=torch.float32).item())
@@ -185,8 +194,7 @@ class LTXVideo(T5Pipeline):
 
     def schedule_of(self, steps: int, run: dict) -> dict:
         if self.is_conditioned:
-            timesteps = run["timesteps"] or [s * 1000 for s in torch.tensor(linear_quadratic(steps)).tolist()]
-            return {"timesteps": torch.tensor(timesteps, dtype=torch.float32).tolist()}
+            return {"timesteps": run["timesteps"] or linear_quadratic_timesteps(steps)}
         c = self.scheduler_config  # mu: linear in the token count between (base, base_shift) and (max, max_shift)
         base, top = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
         slope = (c.get("max_shift", 1.15) - c.get("base_shift", 0.5)) / (top - base)
