@@ -24,7 +24,7 @@ REAL = REAL_CONFIGS / "Wan2.1-I2V-14B-480P-Diffusers"
 REAL_COGVIDEOX = REAL_CONFIGS / "CogVideoX-5b-I2V"
 FAMILIES = {"wan": "Wan2.1-I2V-14B-480P-Diffusers", "wan22": "Wan2.2-I2V-A14B-Diffusers",
             "wan22_ti2v": "Wan2.2-TI2V-5B-Diffusers", "cogvideox": "CogVideoX-5b-I2V",
-            "hunyuan_video": "HunyuanVideo-I2V"}  # family -> real configs
+            "hunyuan_video": "HunyuanVideo-I2V", "ltx": "LTX-Video"}  # family -> real configs
 TEXT = """a red ball bouncing on a wooden floor
 a car chase through narrow city streets at night
 a snowboarder doing a backflip off a jump
@@ -87,6 +87,21 @@ def tiny_cogvideox_configs(vocab_size: int, size: str = "tiny") -> dict:
                2 * width], norm_num_groups=4, layers_per_block=1, sample_height=8 * side, sample_width=12 * side)
     text = dict(read_json(REAL_COGVIDEOX / "text_encoder" / "config.json"), vocab_size=vocab_size, d_model=s["text"],
                 d_kv=8, d_ff=2 * s["text"], num_heads=4, num_layers=s["layers"], relative_attention_num_buckets=8,
+                relative_attention_max_distance=16)
+    return {"transformer": transformer, "text_encoder": text, "vae": vae}
+
+
+def tiny_ltx_configs(vocab_size: int, size: str = "tiny") -> dict:
+    """LTX-Video 0.9.0's configs (the hub folder), shrunk: 8 latent channels, the VAE's four levels kept (x32)."""
+    s, real = SIZES[size], REAL_CONFIGS / "LTX-Video"
+    transformer = dict(read_json(real / "transformer" / "config.json"), in_channels=8, out_channels=8,
+                       num_attention_heads=s["heads"], attention_head_dim=s["dim"] // s["heads"],
+                       cross_attention_dim=s["dim"], num_layers=s["layers"], caption_channels=s["text"])
+    width = s["vae"]
+    vae = dict(read_json(real / "vae" / "config.json"), latent_channels=8, layers_per_block=[1] * 5,
+               block_out_channels=[width, 2 * width, 2 * width, 2 * width])
+    text = dict(read_json(real / "text_encoder" / "config.json"), vocab_size=vocab_size, d_model=s["text"], d_kv=8,
+                d_ff=2 * s["text"], num_heads=4, num_layers=s["layers"], relative_attention_num_buckets=8,
                 relative_attention_max_distance=16)
     return {"transformer": transformer, "text_encoder": text, "vae": vae}
 
@@ -220,7 +235,7 @@ def write_tiny(folder: Path, family: str = "wan", seed: int = 0, size: str = "ti
         (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
         vocab_size = train_tokenizer(folder / "tokenizer" / "spiece.model")
         configs = tiny_cogvideox_configs(vocab_size, size) if family == "cogvideox" else \
-            tiny_configs(vocab_size, size, family)
+            tiny_ltx_configs(vocab_size, size) if family == "ltx" else tiny_configs(vocab_size, size, family)
     (folder / "model_index.json").write_text((real / "model_index.json").read_text())
     for sub, config in configs.items():
         (folder / sub).mkdir(exist_ok=True)

@@ -59,13 +59,20 @@ def linear_quadratic_timesteps(steps: int) -> list[float]:
     return (torch.tensor(linear_quadratic(steps)) * 1000).tolist()
 
 
+def upsampler_folder(model) -> Path:
+    """The latent upsampler's weights folder: latent_upsampler/ of a LTXLatentUpsamplePipeline folder
+    (Lightricks/ltxv-spatial-upscaler-0.9.7) or a LTXLatentUpsamplerModel folder itself."""
+    folder = checkpoint.resolve(model)
+    return folder / "latent_upsampler" if (folder / "latent_upsampler").is_dir() else folder
+
+
 def check_timesteps(name: str, steps, count: int) -> None:
-    """Given timesteps: `count` numbers in (0, 1000], decreasing."""
+    """Given timesteps: `count` numbers in [0, 1000], decreasing."""
     if steps is None:
         return
     if not isinstance(steps, (list, tuple)) or not all(isinstance(t, (int, float)) and not isinstance(t, bool)
-                                                       and 0 < t <= 1000 for t in steps):
-        raise ValueError(f"{name} must be a list of numbers in (0, 1000], got {steps!r}")
+                                                       and 0 <= t <= 1000 for t in steps):
+        raise ValueError(f"{name} must be a list of numbers in [0, 1000], got {steps!r}")
     if len(steps) != count or list(steps) != sorted(steps, reverse=True):
         raise ValueError(f"{name} must hold {count} values (one per step), decreasing; got {list(steps)}")
 
@@ -133,9 +140,9 @@ class LTXVideo(T5Pipeline):
             if not isinstance(settled["refine_steps"], int) or int(count * settled["refine_strength"]) < 1:
                 raise ValueError(f"refine_strength {settled['refine_strength']} of {count} refine steps keeps no "
                                  "step (the refinement runs the last int(steps x strength))")
-            settled["upsampler"] = checkpoint.resolve(settled["upsampler"])
-            upsampler = settled["upsampler"] / "latent_upsampler"
-            checkpoint.plan(checkpoint.build(LTXLatentUpsampler, LTXLatentUpsamplerConfig, upsampler), upsampler)
+            settled["upsampler"] = upsampler_folder(settled["upsampler"])
+            checkpoint.plan(checkpoint.build(LTXLatentUpsampler, LTXLatentUpsamplerConfig, settled["upsampler"]),
+                            settled["upsampler"])
         if settled["decode_noise_scale"] is None:
             settled["decode_noise_scale"] = settled["decode_timestep"]
         return settled
@@ -146,7 +153,8 @@ class LTXVideo(T5Pipeline):
         downscale_factor of the size (rounded down to multiples of 32), the latents upsampled 2x (AdaIN toward
         them by adain_factor, then the tone map), stage 2 from them: the last refine_strength of refine_steps
         (or of refine_timesteps) without ALG at twice the stage-1 size, each stage seeded anew with `seed`; the
-        frames resized to the size asked for (as 8-bit images, Pillow's Lanczos). Without it, one run."""
+        frames resized to the size asked for (as 8-bit images, Pillow's default bicubic, as diffusers' example does).
+        Without it, one run."""
         if options.get("upsampler") is None:
             return super().__call__(image, prompt, **options)
         run = settle(self.defaults, **{k: options[k] for k in SETTLE if k in options})
@@ -158,8 +166,8 @@ class LTXVideo(T5Pipeline):
         latents = torch.cat([self.frame0, latents[:, :, 1:]], dim=2)
         timings = dict(self.timings)
         if self.upsampler is None or self.upsampler[0] != stage["upsampler"]:
-            module = checkpoint.load(LTXLatentUpsampler, LTXLatentUpsamplerConfig,
-                                     stage["upsampler"] / "latent_upsampler", self.device, self.dtype)
+            module = checkpoint.load(LTXLatentUpsampler, LTXLatentUpsamplerConfig, stage["upsampler"], self.device,
+                                     self.dtype)
             self.upsampler = (stage["upsampler"], module)
         vae = self.vae
         with self._timer("upsample"):
@@ -177,7 +185,7 @@ class LTXVideo(T5Pipeline):
         self.timings = {k: timings.get(k, 0.0) + self.timings.get(k, 0.0) for k in {**timings, **self.timings}}
         if frames.shape[1:3] != (run["height"], run["width"]):
             pixels = (frames * 255).round().to(torch.uint8)
-            frames = torch.stack([media.resize(f, run["height"], run["width"], "lanczos") for f in pixels]) / 255
+            frames = torch.stack([media.resize(f, run["height"], run["width"], "bicubic") for f in pixels]) / 255
         return frames
 
     def __init__(self, folder, modules, device, encoder_device, dtype, streamed=False):
