@@ -257,3 +257,46 @@ def test_two_stage_recipe_matches_diffusers(tiny_ltx, tiny_upsampler, test_image
         run_minialg(tiny_ltx, test_image, upsampler=str(tiny_upsampler), refine_steps=2)
     with pytest.raises(ValueError, match="refine_steps belongs to the two-stage recipe"):
         run_minialg(tiny_ltx, test_image, refine_steps=3)
+
+
+PRESETS = ["ltx_alg", "ltx_default", "ltx13b_alg", "ltx13b_default", "ltx13b_distilled_alg", "ltx13b_distilled_default"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_run_on_a_tiny_checkpoint(tiny_ltx, tiny_upsampler, test_image, preset):
+    """Every LTX preset's generation settings, at a tiny size with the tiny upsampler for the hub's one."""
+    from minialg.config import load_config
+
+    config = load_config(preset)
+    settings = dict(config.generation, height=64, width=96, num_frames=9)
+    if "upsampler" in settings:
+        if not conditioned(tiny_ltx):
+            return  # the 13B recipes are 0.9.5+ (LTXConditionPipeline) recipes
+        settings["upsampler"] = str(tiny_upsampler)
+    if "timesteps" not in settings:
+        settings["num_inference_steps"] = 3
+    if settings.get("refine_timesteps") is None and "upsampler" in settings:
+        settings["refine_steps"] = 3
+        settings["refine_strength"] = 0.5
+    pipe = minialg.load(tiny_ltx, device="cpu", dtype=torch.float32)
+    frames = pipe(test_image, PROMPT, alg=config.alg, max_sequence_length=16, progress=False, **settings)
+    assert frames.shape == (9, 64, 96, 3) and torch.isfinite(frames).all()
+
+
+def test_the_command_line_runs_a_preset_on_an_ltx_folder(tiny_ltx, tmp_path, test_image):
+    import importlib.util
+    from pathlib import Path
+
+    from minialg import media
+
+    spec = importlib.util.spec_from_file_location("cli", Path(__file__).resolve().parent.parent / "cli.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    image = tmp_path / "image.png"
+    media.write_image(torch.from_numpy(test_image), image)
+    out = tmp_path / "out.mp4"
+    code = cli.main(["--config", "ltx_alg", "--model", str(tiny_ltx), "--image_path", str(image), "--prompt", PROMPT,
+                     "--output_path", str(out), "--height", "64", "--width", "96", "--num_frames", "9",
+                     "--num_inference_steps", "2", "--device", "cpu", "--dtype", "float32"])
+    assert code == 0 and out.stat().st_size > 0

@@ -73,12 +73,12 @@ def test_real_config_layout(tmp_path):
         ref = LTXLatentUpsamplerModel(**kwargs)
     expected = {name: tuple(t.shape) for name, t in ref.state_dict().items()}
     shutil.copy(REAL_CONFIG, tmp_path / "config.json")
+    write_sparse(tmp_path / "diffusion_pytorch_model.safetensors",
+                 {name: (shape, torch.float32) for name, shape in expected.items()})
     ours = checkpoint.build(LTXLatentUpsampler, LTXLatentUpsamplerConfig, tmp_path)
     assert next(ours.parameters()).is_meta
     assert {name: tuple(t.shape) for name, t in ours.state_dict().items()} == expected
     assert expected["upsampler.0.weight"] == (2048, 512, 3, 3) and len(expected) == 72
-    write_sparse(tmp_path / "diffusion_pytorch_model.safetensors",
-                 {name: (shape, torch.float32) for name, shape in expected.items()})
     planned = checkpoint.plan(ours, tmp_path)
     assert sorted(n for names in planned.values() for n, _ in names) == sorted(expected)
 
