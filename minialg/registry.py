@@ -119,6 +119,9 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transf
     if offload_encoders is None:
         offload_encoders = cls.offload_by_default(device)
     parts = components(folder, transformer, transformer_2)
+    if layout.sequence > 1 and not cls.sequence_parallel:
+        raise ValueError(f"sequence parallelism is not implemented for {cls.__name__}: use --sequence_parallel 1 "
+                         "(the guidance passes are still shared out over the ranks)")
     parallel.check_heads(layout, {sub: checkpoint.weights_in(source).config["num_attention_heads"]
                                   for sub, (_, _, source) in parts.items() if sub.startswith("transformer")})
     encoder_device = torch.device("cpu") if offload_encoders else device

@@ -300,3 +300,13 @@ def test_the_command_line_runs_a_preset_on_an_ltx_folder(tiny_ltx, tmp_path, tes
                      "--output_path", str(out), "--height", "64", "--width", "96", "--num_frames", "9",
                      "--num_inference_steps", "2", "--device", "cpu", "--dtype", "float32"])
     assert code == 0 and out.stat().st_size > 0
+
+
+def test_sequence_parallel_is_refused_clearly(tiny_ltx, monkeypatch):
+    """The LTX transformer does not split its tokens over ranks: asking for it fails before any weight is read."""
+    from minialg import checkpoint, parallel
+
+    monkeypatch.setattr(parallel, "setup", lambda device, k, data: (parallel.Layout(0, 2, 2), device))
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match="sequence parallelism is not implemented for LTXVideo"):
+        minialg.load(tiny_ltx, device="cpu", dtype=torch.float32, sequence_parallel=2)

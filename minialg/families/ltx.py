@@ -81,6 +81,7 @@ class LTXVideo(T5Pipeline):
     references = ("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline")
     family, two_pass_filters = "ltx", False  # two-pass steps see the sharp condition (the Wan rule)
     tiled_decode = False  # set True to decode in overlapping spatial tiles (less memory at large sizes)
+    sequence_parallel = False  # not yet: the guidance passes can be shared out, the tokens not
 
     @classmethod
     def components_of(cls, folder: Path) -> dict:
