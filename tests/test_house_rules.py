@@ -32,3 +32,9 @@ print(sorted(m for m in {sorted(FORBIDDEN)!r} if m in sys.modules))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_no_file_over_500_lines():
+    long = {str(f.relative_to(ROOT)): n for f in [ROOT / "cli.py", *sorted((ROOT / "minialg").rglob("*.py"))]
+            if (n := len(f.read_text().splitlines())) > 500}
+    assert not long, f"files over 500 lines: {long}"
