@@ -138,6 +138,9 @@ LTX_VAES = {  # version -> (real VAE config, tiny overrides keeping every block 
               dict(block_out_channels=[8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1],
                    decoder_block_out_channels=[8, 16, 32], decoder_layers_per_block=[1, 1, 1, 1],
                    decoder_inject_noise=[False, False, False, False])),  # diffusers draws it from the global RNG
+    "0.9.1-noise": ("LTX-Video-later/vae_0.9.1_config.json",  # as published: noise injected in three levels
+                    dict(block_out_channels=[8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1],
+                         decoder_block_out_channels=[8, 16, 32], decoder_layers_per_block=[1, 1, 1, 1])),
     "0.9.5": ("LTX-Video-later/vae_0.9.5-0.9.8_config.json",
               dict(block_out_channels=[4, 8, 16, 32, 64], layers_per_block=[1, 1, 1, 1, 1],
                    decoder_block_out_channels=[8, 16, 32], decoder_layers_per_block=[1, 1, 1, 1])),

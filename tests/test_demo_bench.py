@@ -12,7 +12,7 @@ from minialg import bench
 from minialg.demo import demo_image, write_tiny
 
 
-@pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan_video"])
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "hunyuan_video", "ltx"])
 def test_self_written_checkpoint_loads_in_diffusers_and_agrees(tmp_path, family):
     from diffusers import CogVideoXImageToVideoPipeline, WanImageToVideoPipeline
     from PIL import Image
@@ -29,6 +29,11 @@ def test_self_written_checkpoint_loads_in_diffusers_and_agrees(tmp_path, family)
         from test_hunyuan_pipeline import reference_pipeline, template_of
 
         reference, extra = reference_pipeline(folder), {"prompt_template": template_of(pipe), "guidance_scale": 6.0}
+    elif family == "ltx":  # the hub folder says LTXPipeline; it runs as LTXImageToVideoPipeline
+        from diffusers import LTXImageToVideoPipeline
+
+        args = dict(height=64, width=96, num_frames=9, num_inference_steps=2)
+        reference, extra = LTXImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32), {"negative_prompt": ""}
     else:
         reference = WanImageToVideoPipeline.from_pretrained(folder, dtype=torch.float32)
     expected = reference(image=Image.fromarray(image), prompt="a red ball", output_type="np",
