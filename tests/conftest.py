@@ -133,7 +133,8 @@ def tiny_cogvideox15(tmp_path_factory) -> Path:
 
 LTX_VAES = {  # version -> (real VAE config, tiny overrides keeping every block kind of that generation; channels
     # double per level as in the real ones: diffusers' decoder breaks on a timestep-conditioned level that does not)
-    "0.9.0": ("LTX-Video/vae/config.json", dict(block_out_channels=[8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1])),
+    "0.9.0": ("LTX-Video/vae/config.json", dict(block_out_channels=[8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1],
+                                                scaling_factor=0.9)),  # the pipelines use it one way only
     "0.9.1": ("LTX-Video-later/vae_0.9.1_config.json",
               dict(block_out_channels=[8, 16, 16, 16], layers_per_block=[1, 1, 1, 1, 1],
                    decoder_block_out_channels=[8, 16, 32], decoder_layers_per_block=[1, 1, 1, 1],

@@ -245,9 +245,7 @@ class LTXVideo(T5Pipeline):
         """c = the normalized posterior sample of the image's latent (1, C, 1, h, w), float32."""
         mean, logvar = self.vae.encode(frame[:, :, None].to(self.vae_dtype))
         z = sample_posterior(mean, logvar, generator).float()
-        vae = self.vae
-        return (z - vae.latents_mean.view(1, -1, 1, 1, 1)) * vae.config.scaling_factor / vae.latents_std.view(
-            1, -1, 1, 1, 1)
+        return self.vae.normalize(z, 1.0)  # the reference normalizes with scale 1 (and denormalizes with the config's)
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -285,7 +283,7 @@ class LTXVideo(T5Pipeline):
 
     def decode(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         vae, z = self.vae, torch.cat([self.frame0, x[:, :, 1:]], dim=2)
-        z = z * vae.latents_std.view(1, -1, 1, 1, 1) / vae.config.scaling_factor + vae.latents_mean.view(1, -1, 1, 1, 1)
+        z = vae.denormalize(z)
         timestep = None
         if vae.config.timestep_conditioning:
             noise = torch.randn(z.shape, generator=self.run_generator, device=z.device, dtype=z.dtype)
