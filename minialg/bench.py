@@ -29,6 +29,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -274,7 +275,9 @@ def main(argv=None) -> None:
     denoiser.add_argument("--stream-blocks", action="store_true", help="also with the blocks streamed from the CPU")
     denoiser.add_argument("--run-steps", type=int, default=None,
                           help="steps of the whole ALG-preset run (default 50; 1 for small configs; 0: none)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv  # cli.py's spelling (--run_steps) works too
+    args = parser.parse_args([a.split("=")[0].replace("_", "-") + a[len(a.split("=")[0]):] if a.startswith("--")
+                              else a for a in argv])
     report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     if args.motion:

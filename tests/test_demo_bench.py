@@ -78,9 +78,9 @@ def test_ltx_denoiser_bench_small_configs_against_diffusers(tmp_path):
     within 1e-5 relative (a wrong position, timestep or mask argument gives 0.08 to 0.6), and the whole runs of
     both ALG presets at 64 x 96 x 9 (the 13B single stage: its presets' upsampler is a hub folder not here)."""
     report_file = tmp_path / "bench.json"
-    bench.main(["--denoiser", "--device", "cpu", "--dtype", "float32", "--compare-diffusers", "--compile",
-                "--compile-backend", "eager", "--stream-blocks", "--repeats", "1", "--report", str(report_file),
-                "--family", "ltx", "ltx13b"])
+    bench.main(["--denoiser", "--device", "cpu", "--dtype", "float32", "--compare_diffusers", "--compile",
+                "--compile-backend", "eager", "--stream_blocks", "--repeats", "1", f"--report={report_file}",
+                "--family", "ltx", "ltx13b"])  # either spelling: cli.py's options have underscores
     runs = json.loads(report_file.read_text())["runs"]
     assert [run["family"] for run in runs] == ["ltx", "ltx13b"]
     for run, tokens in zip(runs, ({"2": 180, "3": 180}, {"2": 72, "3": 72, "2 stage2": 288})):
