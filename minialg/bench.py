@@ -6,7 +6,8 @@
 
 --denoiser (the default on CUDA): builds each transformer from minialg/real_configs (real size on CUDA, a small
 config derived from it on the CPU) with random weights made directly on the device, feeds it the real-shape
-inputs (Wan 480x832, 81 frames; CogVideoX its 480x720, 49 frames) and reports, for the CFG batch (2) and the ALG
+inputs (Wan 480x832, 81 frames; CogVideoX its 480x720, 49 frames; LTX-Video 2B 704x480, 161 frames; 13B both
+stages of its recipe: 768x512, and 1536x1024 as "2 stage2") and reports, for the CFG batch (2) and the ALG
 batch (3): ms per call (median after warm-up; CUDA events on a GPU), the FLOPs of the shape counted
 analytically, TFLOP/s and MFU against the bf16 matmul rate measured in the same run, peak GPU memory, and the
 SDPA kernel that ran (the fastest backend for the model's attention shapes is picked first). Options: regional
@@ -27,8 +28,8 @@ import gc
 import json
 import math
 import platform
-import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,17 +39,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import minialg
-from minialg.checkpoint import config_from, read_json
+from minialg.bench_models import (DENOISERS, SPECS, attention_lengths, denoiser_config, denoiser_flops,
+                                  denoiser_inputs, diffusers_denoiser, random_model, random_pipeline)
+from minialg.checkpoint import config_from
 from minialg.config import load_config
-from minialg.demo import demo_image, train_tokenizer, write_tiny
-from minialg.models.cogvideox import CogVideoXTransformer, CogVideoXTransformerConfig
-from minialg.models.hunyuan import HunyuanVideoTransformer, HunyuanVideoTransformerConfig
-from minialg.models.wan import WanTransformer, WanTransformerConfig
-from minialg.flops import cogvideox_flops, hunyuan_flops, wan_flops
+from minialg.demo import demo_image, write_tiny
+from minialg.flops import cogvideox_flops, hunyuan_flops, ltx_flops, wan_flops  # noqa: F401 (the tests' names)
 from minialg.gpu import blocks_of, compile_blocks, stream_blocks
 from minialg.profiling import (host_sync, matmul_tflops, measure, peak_memory_gib, reset_peak_memory, sdpa_kernels_ran,
                                sdpa_order, sig)
-from minialg.registry import pipeline_class
 
 
 def time_runs(runs: dict, repeats: int) -> dict:
@@ -108,148 +107,10 @@ def cpu_run(family: str, size: str, steps: int, repeats: int, compare: bool, fra
     return report
 
 
-# ---- the denoiser benchmark ---------------------------------------------------------------------------------
-
-REAL_CONFIGS = Path(__file__).parent / "real_configs"
-DENOISERS = {  # family -> (module, config class, checkpoint folder in real_configs)
-    "wan": (WanTransformer, WanTransformerConfig, "Wan2.1-I2V-14B-480P-Diffusers"),
-    "wan22": (WanTransformer, WanTransformerConfig, "Wan2.2-I2V-A14B-Diffusers"),  # each of the two experts
-    "wan22_ti2v": (WanTransformer, WanTransformerConfig, "Wan2.2-TI2V-5B-Diffusers"),
-    "cogvideox": (CogVideoXTransformer, CogVideoXTransformerConfig, "CogVideoX-5b-I2V"),
-    "hunyuan_video": (HunyuanVideoTransformer, HunyuanVideoTransformerConfig, "HunyuanVideo-I2V"),
-}
-SMALL = {  # the CPU stand-ins: the real config with 2 layers, 2 narrow heads, narrow inputs
-    "wan": dict(num_attention_heads=2, attention_head_dim=24, num_layers=2, ffn_dim=96, freq_dim=32, text_dim=32,
-                image_dim=40, added_kv_proj_dim=48),
-    "wan22": dict(num_attention_heads=2, attention_head_dim=24, num_layers=2, ffn_dim=96, freq_dim=32, text_dim=32),
-    "wan22_ti2v": dict(num_attention_heads=2, attention_head_dim=24, num_layers=2, ffn_dim=96, freq_dim=32,
-                       text_dim=32),
-    "cogvideox": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=24,
-                      text_embed_dim=32, sample_height=8, sample_width=12, sample_frames=9, max_text_seq_length=16),
-    "hunyuan_video": dict(num_attention_heads=2, attention_head_dim=24, num_layers=2, num_single_layers=2,
-                          rope_axes_dim=[8, 8, 8], text_embed_dim=32, pooled_projection_dim=16),
-}
-def denoiser_config(family: str, small: bool) -> dict:
-    """The real transformer config.json of the family, or the small one derived from it."""
-    real = read_json(REAL_CONFIGS / DENOISERS[family][2] / "transformer" / "config.json")
-    return dict(real, **SMALL[family]) if small else real
-
-
-def random_model(model_cls, cfg, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    """`model_cls(cfg)` built on the meta device, every tensor then made directly on `device` with random values
-    (scaled normal matrices, unit norm weights, small vectors) in `dtype`, or float32 for the `fp32_params`."""
-    with torch.device("meta"):
-        model = model_cls(cfg)
-    keep_fp32 = getattr(model, "fp32_params", ())
-    generator = torch.Generator(device).manual_seed(seed)
-    for name, p in list(model.named_parameters()):
-        fp32 = any(part in keep_fp32 for part in name.split("."))
-        t = torch.empty(p.shape, device=device, dtype=torch.float32 if fp32 else dtype)
-        if p.ndim >= 2:
-            t.normal_(0, p[0].numel() ** -0.5, generator=generator)
-        elif "norm" in name and name.endswith("weight"):
-            t.fill_(1)
-        else:
-            t.normal_(0, 0.02, generator=generator)
-        owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
-    return model.eval()
-
-
-def denoiser_inputs(family: str, cfg, batch: int, small: bool, device, dtype, generator) -> tuple:
-    """The denoiser's arguments at the benchmark shape: Wan 2.1 and 2.2 A14B at 480x832, 81 frames: x (B, 36, 21,
-    60, 104), text (B, 512, 4096), Wan 2.1's image (B, 257, 1280); Wan 2.2 TI2V at 704x1280, 121 frames: x (B, 48,
-    31, 44, 80) and a timestep per latent frame (0 on frame 0, the image); CogVideoX at its sample size: x (B, 13,
-    32, 60, 90), text (B, 226, 4096). Small configs: Wan x (B, C, 3, 6, 10); CogVideoX its (small) sample size."""
-    def randn(*shape):
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-
-    timestep = torch.randint(0, 1000, (batch,), generator=generator, device=device)
-    if family.startswith("wan"):
-        frames, height, width = (3, 6, 10) if small else (31, 44, 80) if family == "wan22_ti2v" else (21, 60, 104)
-        image = randn(batch, 257, cfg.image_dim) if cfg.image_dim else None
-        if family == "wan22_ti2v":
-            timestep = (torch.arange(frames, device=device) > 0) * timestep[:, None]  # (B, F)
-        return randn(batch, cfg.in_channels, frames, height, width), timestep, randn(batch, 512, cfg.text_dim), image
-    if family == "hunyuan_video":  # the authors' preset: 129 frames at 360p (16:9 bucket 352x608); 400 text
-        # states (144 image + 256 prompt), every one a prompt token (the mask's worst case); guidance 6.0 x 1000
-        frames, height, width, length = (3, 6, 10, 7) if small else (33, 44, 76, 400)
-        x = randn(batch, cfg.in_channels, frames, height, width)
-        guidance = torch.full((batch,), 6000.0, device=device, dtype=dtype)
-        mask = torch.ones(batch, length, device=device, dtype=torch.int64)
-        return x, timestep.float(), randn(batch, length, cfg.text_embed_dim), mask, randn(
-            batch, cfg.pooled_projection_dim), guidance
-    frames = (cfg.sample_frames - 1) // cfg.temporal_compression_ratio + 1
-    x = randn(batch, frames, cfg.in_channels, cfg.sample_height, cfg.sample_width)
-    return x, timestep, randn(batch, cfg.max_text_seq_length, cfg.text_embed_dim)
-
-
-def denoiser_flops(family: str, cfg, inputs: tuple) -> int:
-    if family.startswith("wan"):
-        x, t, text, image = inputs
-        return wan_flops(cfg, tuple(x.shape), text.shape[1], 0 if image is None else image.shape[1],
-                         t.shape[1] if t.ndim == 2 else 1)
-    if family == "hunyuan_video":
-        return hunyuan_flops(cfg, tuple(inputs[0].shape), inputs[2].shape[1])
-    x, _, text = inputs
-    return cogvideox_flops(cfg, tuple(x.shape), text.shape[1])
-
-
-def attention_lengths(family: str, cfg, inputs: tuple) -> list[tuple[int, int]]:
-    """(query, key) token counts of each kind of attention the model runs on these inputs."""
-    x, text = inputs[0], inputs[2]
-    if family.startswith("wan"):
-        pf, ph, pw = cfg.patch_size
-        L = x.shape[2] // pf * (x.shape[3] // ph) * (x.shape[4] // pw)
-        return [(L, L), (L, text.shape[1])] + ([(L, inputs[3].shape[1])] if inputs[3] is not None else [])
-    if family == "hunyuan_video":  # joint [video ; text], and the token refiner's text alone
-        p, pt, T = cfg.patch_size, cfg.patch_size_t, text.shape[1]
-        S = T + x.shape[2] // pt * (x.shape[3] // p) * (x.shape[4] // p)
-        return [(S, S), (T, T)]
-    p, pt = cfg.patch_size, cfg.patch_size_t or 1
-    S = text.shape[1] + x.shape[1] // pt * (x.shape[3] // p) * (x.shape[4] // p)
-    return [(S, S)]
-
+# ---- the denoiser benchmark (the models, their inputs and FLOPs: minialg.bench_models) ------------------------
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def diffusers_denoiser(family: str, config: dict, model: torch.nn.Module, device: torch.device):
-    """diffusers' transformer for `config`, holding *our* model's weights (the same tensors: no second copy),
-    and a function calling it on our inputs (for CogVideoX with the rotary tables as its pipeline makes them)."""
-    from types import SimpleNamespace
-
-    from accelerate import init_empty_weights
-    from diffusers import (CogVideoXImageToVideoPipeline, CogVideoXTransformer3DModel,
-                           HunyuanVideoTransformer3DModel, WanTransformer3DModel)
-
-    ref_cls = WanTransformer3DModel if family.startswith("wan") else CogVideoXTransformer3DModel
-    ref_cls = HunyuanVideoTransformer3DModel if family == "hunyuan_video" else ref_cls
-    with init_empty_weights(include_buffers=False):  # parameters on meta; constant buffers computed on the CPU
-        ref = ref_cls(**{k: v for k, v in config.items() if not k.startswith("_")})
-    ref.load_state_dict(model.state_dict(), strict=True, assign=True)
-    ref = ref.to(device).eval()  # moves its buffers; the parameters are already there
-    if family.startswith("wan"):
-        def call(x, t, text, image):  # diffusers takes TI2V's timesteps per token: each frame's, h*w/4 times
-            t = t.repeat_interleave(x.shape[3] * x.shape[4] // 4, dim=1) if t.ndim == 2 else t
-            return ref(x, t, text, encoder_hidden_states_image=image, return_dict=False)[0]
-
-        return ref, call
-    if family == "hunyuan_video":
-        return ref, lambda x, t, text, mask, pooled, guidance: ref(
-            x, t, text, mask, pooled, guidance=guidance, return_dict=False)[0]
-
-    rotary = {}  # per latent shape, made once as the pipeline does before its loop
-
-    def call(x, t, text):
-        if x.shape not in rotary:
-            pipe = SimpleNamespace(vae_scale_factor_spatial=8, transformer=ref)
-            rotary[x.shape] = CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings(
-                pipe, x.shape[3] * 8, x.shape[4] * 8, x.shape[1], x.device)
-        return ref(x, text, t, image_rotary_emb=rotary[x.shape], return_dict=False)[0]
-
-    return ref, call
 
 
 def compiled_graphs() -> int:
@@ -257,9 +118,11 @@ def compiled_graphs() -> int:
 
 
 def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, matmul: float) -> dict:
-    """ms per call, FLOPs, TFLOP/s, MFU and peak memory of one family's transformer for each batch size; then
-    diffusers' and the streamed-blocks numbers, and a whole run of the ALG preset."""
-    model_cls, config_cls, checkpoint = DENOISERS[family]
+    """ms per call, FLOPs, TFLOP/s, MFU and peak memory of one family's transformer for each batch size (and
+    each other shape of the family: "2 stage2"); then diffusers' and the streamed-blocks numbers, and a whole run
+    of the ALG preset."""
+    spec = SPECS[family]
+    model_cls, config_cls = spec.model, spec.config
     small = args.small or device.type != "cuda"
     config = denoiser_config(family, small)
     cfg = config_from(config_cls, config)
@@ -268,26 +131,32 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
         torch._dynamo.reset()  # a fresh cache, so the graphs counted below are this model's
         compile_blocks(model, backend=args.compile_backend)
     generator = torch.Generator(device).manual_seed(1)
-    inputs = {b: denoiser_inputs(family, cfg, b, small, device, dtype, generator) for b in args.batches}
-    first = inputs[args.batches[0]]
-    order, probe = sdpa_order(attention_lengths(family, cfg, first), cfg.num_attention_heads, cfg.attention_head_dim,
-                              device, dtype, masked=family == "hunyuan_video")
+    inputs = {str(b): denoiser_inputs(family, cfg, b, small, device, dtype, generator) for b in args.batches}
+    inputs |= {f"{b} {stage}": denoiser_inputs(family, cfg, b, small, device, dtype, generator, stage)
+               for stage, (b, _) in spec.stages.items()}
+    first = inputs[str(args.batches[0])]
+    lengths = attention_lengths(family, cfg, first)
+    lengths += [n for case in inputs.values() for n in attention_lengths(family, cfg, case) if n not in lengths]
+    order, probe = sdpa_order(lengths, cfg.num_attention_heads, cfg.attention_head_dim, device, dtype,
+                              masked=spec.mask is not None, bias=spec.mask == "bias")
     # the fastest alone: it ran every attention shape of the model in the probe. (A priority list is not enough:
     # the CPU dispatcher ignores the order and takes flash attention whenever it is allowed.)
     backends = sdpa_kernel(order[:1])
-    report = {"model": f"{family} ({checkpoint} config{', small' if small else ''})", "family": family,
+    report = {"model": f"{family} ({spec.transformer_config or spec.checkpoint} config{', small' if small else ''})",
+              "family": family,
               "small": small, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
               "parameters": sum(p.numel() for p in model.parameters()), "compile": args.compile,
-              "input_shapes": {str(b): [list(t.shape) for t in inputs[b] if t is not None] for b in args.batches},
+              "input_shapes": {b: [list(t.shape) for t in case if isinstance(t, torch.Tensor)]
+                               for b, case in inputs.items()},
               "sdpa": {"order": [b.name.lower() for b in order], "probe_ms": probe}, "batches": {}}
     graphs_before = compiled_graphs()
     with torch.no_grad(), backends:
         outputs = {}
-        for b in args.batches:
+        for b in inputs:
             ms, peak = measure(lambda: model(*inputs[b]), device, args.warmup, args.repeats)
             flops = denoiser_flops(family, cfg, inputs[b])
             tflops = flops / ms / 1e9
-            report["batches"][str(b)] = {"ms": sig(ms), "flops": flops, "tflops": sig(tflops),
+            report["batches"][b] = {"ms": sig(ms), "flops": flops, "tflops": sig(tflops),
                                          "mfu": sig(tflops / matmul), "peak_memory_gib": peak}
             outputs[b] = model(*inputs[b])
         report["sdpa"]["ran"] = sdpa_kernels_ran(lambda: model(*first))
@@ -300,9 +169,9 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
             if args.compile:  # the same regional compilation for diffusers' blocks
                 for block in blocks_of(ref):
                     block.compile(dynamic=False, backend=args.compile_backend)
-            for b in args.batches:
+            for b in inputs:
                 ms, _ = measure(lambda: call(*inputs[b]), device, args.warmup, args.repeats)
-                row = report["batches"][str(b)]
+                row = report["batches"][b]
                 row.update(diffusers_ms=sig(ms), diffusers_over_minialg=sig(ms / row["ms"]),
                            diffusers_max_rel_diff=rel_diff(outputs[b], call(*inputs[b])))
             del ref, call
@@ -310,9 +179,9 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
         if args.stream_blocks:
             graphs_before = compiled_graphs()
             streamer = stream_blocks(model, device)
-            for b in args.batches:
+            for b in inputs:
                 ms, peak = measure(lambda: model(*inputs[b]), device, args.warmup, args.repeats)
-                row = report["batches"][str(b)]
+                row = report["batches"][b]
                 row.update(streamed_ms=sig(ms), streamed_peak_memory_gib=peak,
                            stream_slowdown=sig(ms / row["ms"]),
                            streamed_max_abs_diff=(model(*inputs[b]) - outputs[b]).abs().max().item())
@@ -326,34 +195,15 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
     return report
 
 
-def random_pipeline(family: str, folder: Path, device: torch.device, dtype: torch.dtype, small: bool):
-    """A pipeline with every model random, made where `minialg.load` puts it (the encoders and a second expert in
-    CPU memory, the rest on `device`): the real configs (small: the demo's tiny ones), a test tokenizer, the real
-    scheduler and image processor configs. `folder` receives the configs."""
-    if small:
-        write_tiny(folder, family)
-    else:
-        shutil.copytree(REAL_CONFIGS / DENOISERS[family][2], folder, dirs_exist_ok=True)
-        (folder / "tokenizer").mkdir(exist_ok=True)
-        train_tokenizer(folder / "tokenizer" / "spiece.model")
-    cls, cpu = pipeline_class(folder), torch.device("cpu")
-    modules = {sub: random_model(model_cls, config_from(config_cls, read_json(folder / sub / "config.json")),
-                                 cpu if sub.endswith("encoder") or sub == "transformer_2" else device,
-                                 cls.dtype_of(sub, dtype))
-               for sub, (model_cls, config_cls) in cls.components_of(folder).items()}
-    return cls(folder, modules, device, cpu, dtype)
-
-
 def whole_run(family: str, device: torch.device, dtype: torch.dtype, small: bool, steps: int, args,
               sdpa: list[SDPBackend]) -> dict:
     """Seconds of a whole run of the family's ALG preset (text, condition, denoising loop, VAE decode) with
-    random weights, after a 2-step warm-up run (compilation, both batch sizes, kernel autotuning)."""
-    preset = load_config(f"{family}_alg")
-    generation = dict(preset.generation, seed=42)
-    if small:
-        generation.update(num_frames=9, **(dict(height=64, width=96) if family.startswith("wan") else {}))
-    elif family == "wan22":
-        generation.update(height=480, width=832)  # the A14B figures are asked for at 480p (the preset is 720p)
+    random weights, after a 2-step warm-up run (compilation, both batch sizes, kernel autotuning); the family's
+    sizes over the preset's (SPECS: `run`, `run_small`), without its `drop` keys, at least its `min_steps`."""
+    spec, preset = SPECS[family], load_config(f"{family}_alg")
+    steps = max(steps, spec.min_steps)
+    generation = {k: v for k, v in preset.generation.items() if k not in spec.drop}
+    generation.update(seed=42, **(spec.run_small if small else spec.run))
     with tempfile.TemporaryDirectory() as tmp:
         pipe = random_pipeline(family, Path(tmp), device, dtype, small)
         if args.compile:
@@ -371,7 +221,8 @@ def whole_run(family: str, device: torch.device, dtype: torch.dtype, small: bool
         run = {"preset": f"{family}_alg", "steps": steps, "seconds": sig(total),
                "stages_s": {k: sig(v) for k, v in pipe.timings.items()},
                "peak_memory_gib": peak_memory_gib(device)}
-        run.update({k: generation.get(k) for k in ("height", "width", "num_frames")})
+        run.update({k: generation.get(k) for k in ("height", "width", "num_frames")}, **(
+            {"note": spec.note} if spec.note else {}))
     return run
 
 
@@ -424,7 +275,9 @@ def main(argv=None) -> None:
     denoiser.add_argument("--stream-blocks", action="store_true", help="also with the blocks streamed from the CPU")
     denoiser.add_argument("--run-steps", type=int, default=None,
                           help="steps of the whole ALG-preset run (default 50; 1 for small configs; 0: none)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv  # cli.py's spelling (--run_steps) works too
+    args = parser.parse_args([a.split("=")[0].replace("_", "-") + a[len(a.split("=")[0]):] if a.startswith("--")
+                              else a for a in argv])
     report = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     if args.motion:
@@ -478,7 +331,8 @@ def print_denoiser_run(run: dict) -> None:
     if "whole_run" in run:
         whole = run["whole_run"]
         stages = ", ".join(f"{k} {v:.1f}" for k, v in whole["stages_s"].items())
-        print(f"  whole run, {whole['preset']}, {whole['steps']} steps: {whole['seconds']:.1f} s ({stages})")
+        print(f"  whole run, {whole['preset']}, {whole['steps']} steps: {whole['seconds']:.1f} s ({stages})"
+              + (f"; {whole['note']}" if "note" in whole else ""))
 
 
 if __name__ == "__main__":

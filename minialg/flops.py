@@ -7,6 +7,7 @@ elementwise work (norms, RoPE, softmax, GELU, modulation) is counted by neither.
 
 from .models.cogvideox import CogVideoXTransformerConfig
 from .models.hunyuan import HunyuanVideoTransformerConfig
+from .models.ltx import TIME_FREQ_DIM, LTXVideoTransformerConfig
 from .models.wan import WanTransformerConfig
 
 
@@ -72,4 +73,21 @@ def hunyuan_flops(cfg: HunyuanVideoTransformerConfig, x_shape: tuple, text_len: 
     single = D * 3 * D * rows + 3 * S * D * D + 2 * S * S * D + S * D * M + S * (D + M) * D
     macs += cfg.num_layers * double + cfg.num_single_layers * single
     macs += D * 2 * D + L * D * cfg.out_channels * pt * p * p  # output adaLN and head
+    return 2 * B * macs
+
+
+def ltx_flops(cfg: LTXVideoTransformerConfig, x_shape: tuple, text_len: int, timesteps: int = 1) -> int:
+    """FLOPs of one LTXVideoTransformer forward on packed tokens x (B, L, C) with text_len T5 states: proj_in, the
+    timestep MLP and its six modulation vectors (`timesteps` per sample: 1, or one per token as the image-to-video
+    pipelines pass them), the caption projection; per block self-attention over the L video tokens (q, k, v, out;
+    QK^T, PV), cross-attention to the text (q, out; k, v; QK^T, PV), the 4x MLP; proj_out; 2 per multiply-add.
+    Elementwise work (RMS norms, RoPE, softmax, GELU, modulation) is not counted."""
+    B, L, _ = x_shape
+    T, D = text_len, cfg.num_attention_heads * cfg.attention_head_dim
+    macs = L * cfg.in_channels * D + timesteps * (TIME_FREQ_DIM * D + D * D + D * 6 * D)  # proj_in, time_embed
+    macs += T * (cfg.caption_channels * D + D * D)  # caption projection
+    block = 4 * L * D * D + 2 * L * L * D  # self-attention: q, k, v, out; QK^T, PV
+    block += 2 * L * D * D + 2 * T * D * D + 2 * L * T * D  # cross-attention: q, out; k, v; QK^T, PV
+    block += 8 * L * D * D  # MLP D -> 4D -> D
+    macs += cfg.num_layers * block + L * D * (cfg.out_channels or cfg.in_channels)  # blocks, proj_out
     return 2 * B * macs

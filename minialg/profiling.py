@@ -69,11 +69,12 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / ms / 1e9
 
 
-def sdpa_order(lengths: list[tuple[int, int]], heads: int, head_dim: int, device, dtype, masked: bool = False) -> tuple:
+def sdpa_order(lengths: list[tuple[int, int]], heads: int, head_dim: int, device, dtype, masked: bool = False,
+               bias: bool = False) -> tuple:
     """Time every SDPA backend on the model's attention shapes (batch 1); returns (the backends that run them
     all, fastest first; {backend: ms for all shapes}). One that refuses a shape, or runs out of memory (the
     math kernel at video lengths), is left out. `masked`: the model passes a boolean key mask (HunyuanVideo),
-    which some kernels refuse."""
+    which some kernels refuse; with `bias`, a float one added to the logits instead (LTX-Video's text mask)."""
     times = {}
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.MATH):
@@ -82,7 +83,8 @@ def sdpa_order(lengths: list[tuple[int, int]], heads: int, head_dim: int, device
             for q_len, k_len in lengths:
                 q = torch.randn(1, heads, q_len, head_dim, device=device, dtype=dtype)
                 k, v = torch.randn(2, 1, heads, k_len, head_dim, device=device, dtype=dtype)
-                mask = torch.ones(1, 1, 1, k_len, dtype=torch.bool, device=device) if masked else None
+                mask = None if not masked else torch.zeros(1, 1, 1, k_len, dtype=dtype, device=device) if bias else \
+                    torch.ones(1, 1, 1, k_len, dtype=torch.bool, device=device)
                 with sdpa_kernel(backend), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # an unavailable backend warns why, then raises
                     total += time_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),

@@ -27,6 +27,8 @@ CASES = {  # name -> (family, config): the bench's small configs, and a CogVideo
     "cogvideox-1.5": ("cogvideox", dict(bench.denoiser_config("cogvideox", small=True), patch_size_t=2,
                                         ofs_embed_dim=24, patch_bias=False, use_learned_positional_embeddings=False,
                                         sample_frames=13)),  # 4 latent frames: 2 temporal patches
+    "ltx": ("ltx", bench.denoiser_config("ltx", small=True)),  # per-token timesteps, masked text, grid positions
+    "ltx13b": ("ltx13b", bench.denoiser_config("ltx13b", small=True)),  # pixel coordinates
 }
 
 
@@ -55,7 +57,7 @@ def test_flop_count_equals_torch_flop_counter(case):
     assert bench.denoiser_flops(family, cfg, args) == counter.get_total_flops()
 
 
-@pytest.mark.parametrize("family", ["wan", "wan22", "wan22_ti2v", "cogvideox", "hunyuan_video"])
+@pytest.mark.parametrize("family", ["wan", "wan22", "wan22_ti2v", "cogvideox", "hunyuan_video", "ltx", "ltx13b"])
 def test_flop_count_at_the_real_shape(family):
     """At real size and shape (B=3), run on the meta device: no memory, no compute, the same ops counted."""
     model_cls, config_cls, _ = bench.DENOISERS[family]
@@ -72,6 +74,12 @@ def test_flop_count_at_the_real_shape(family):
         elif family == "hunyuan_video":  # 352x608, 129 frames, 400 text states
             args = (torch.empty(3, 16, 33, 44, 76), torch.empty(3), torch.empty(3, 400, 4096),
                     torch.ones(3, 400, dtype=torch.int64), torch.empty(3, 768), torch.empty(3))
+        elif family == "ltx":  # 704x480, 161 frames: 21 x 15 x 22 tokens, a timestep each; 128 text states
+            args = (torch.empty(3, 6930, 128), torch.empty(3, 6930), torch.empty(3, 128, 4096),
+                    torch.ones(3, 128, dtype=torch.int64), (21, 15, 22), None, (8 / 25, 32, 32))
+        elif family == "ltx13b":  # stage 1, 768x512, 161 frames: 21 x 16 x 24 tokens, positions as coordinates
+            args = (torch.empty(3, 8064, 128), torch.empty(3, 8064), torch.empty(3, 128, 4096),
+                    torch.ones(3, 128, dtype=torch.int64), None, torch.empty(3, 3, 8064))
         else:  # 480x720, 49 frames
             args = (torch.empty(3, 13, 32, 60, 90), torch.empty(3), torch.empty(3, 226, 4096))
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
