@@ -335,3 +335,13 @@ def test_decoder_noise_comes_from_the_seed(tmp_path, test_image):
         for s, v in zip(scales, saved):
             s.copy_(v)
     assert (quiet - first).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("preset, first", [("ltx13b_alg", (512, 768)), ("ltx13b_distilled_alg", (320, 544))])
+def test_presets_first_stage_is_the_documented_size(preset, first):
+    """diffusers' examples: 1152 x 768 -> stage 1 at 768 x 512; 832 x 480 -> 544 x 320."""
+    from minialg.config import load_config
+    from minialg.families.ltx import stage_size
+
+    g = load_config(preset).generation
+    assert stage_size(g["height"], g["width"], g["downscale_factor"]) == first

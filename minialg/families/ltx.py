@@ -66,6 +66,11 @@ def upsampler_folder(model) -> Path:
     return folder / "latent_upsampler" if (folder / "latent_upsampler").is_dir() else folder
 
 
+def stage_size(height: int, width: int, factor: float) -> tuple[int, int]:
+    """The two-stage recipe's first size: int(side x factor), down to a multiple of 32 (diffusers' example)."""
+    return tuple(max(32, int(n * factor) // 32 * 32) for n in (height, width))
+
+
 def check_timesteps(name: str, steps, count: int) -> None:
     """Given timesteps: `count` numbers in [0, 1000], decreasing."""
     if steps is None:
@@ -162,7 +167,7 @@ class LTXVideo(T5Pipeline):
         stage = self.settle_options(self.folder, run, **{k: v for k, v in options.items() if k in OPTIONS or
                                                          k in MULTI_SCALE})
         options = {k: v for k, v in options.items() if k not in MULTI_SCALE}
-        height, width = (max(32, int(n * stage["downscale_factor"]) // 32 * 32) for n in (run["height"], run["width"]))
+        height, width = stage_size(run["height"], run["width"], stage["downscale_factor"])
         latents = super().__call__(image, prompt, **dict(options, height=height, width=width, output_type="latent"))
         latents = torch.cat([self.frame0, latents[:, :, 1:]], dim=2)
         timings = dict(self.timings)
