@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 import minialg
-from minialg import checkpoint, media, parallel
-from minialg.config import bucket_size, load_config, sized  # noqa: F401  (bucket_size: still importable from here)
+from minialg import checkpoint, lora, media, parallel
+from minialg.config import bucket_size, load_config, lora_entry, sized  # noqa: F401  (bucket_size: importable here)
 from minialg.demo import FAMILIES
 from minialg.pipeline import settle
 from minialg.registry import default_preset, pipeline_class
@@ -49,7 +49,7 @@ SUBCOMMANDS = {  # name -> one line for the top-level help
     "batch": "one video per line of a JSONL manifest: resumable, failures logged, lines shared over torchrun ranks",
 }
 FAMILY_OPTIONS = ("guidance_scale_2", "true_cfg_scale", "i2v_stable", "frame_rate", "guidance_rescale",
-                  "decode_timestep", "decode_noise_scale", "image_cond_noise_scale", "timesteps")  # generation keys only some families take (checked before the model loads)
+                  "decode_timestep", "decode_noise_scale", "image_cond_noise_scale", "timesteps", "sigmas")  # generation keys only some families take (checked before the model loads)
 OVERRIDES = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")  # run flags over the config
 LINES_FAILED = 3  # batch's exit status when some lines failed (1 is an error before any video)
 
@@ -121,9 +121,17 @@ def check_generation(folder: Path, config, generation: dict) -> dict:
     return run
 
 
+def loras(args, config=None) -> dict:
+    """load's and check's LoRA keywords: --lora / --lora_2 (FILE[:STRENGTH]) where given, else the config's."""
+    given = {"loras": args.lora, "loras_2": args.lora_2}
+    return {key: [lora_entry(e) for e in value] if value is not None else getattr(config, key, [])
+            for key, value in given.items()}
+
+
 def load_pipeline(args, folder, config, data_parallel: bool = False) -> "minialg.Pipeline":
     return minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
-                        transformer=args.transformer, transformer_2=args.transformer_2,
+                        transformer=args.transformer, transformer_2=args.transformer_2, **loras(args, config),
+                        strict_loras=not args.lora_skip_unmatched,
                         offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks,
                         cache_cross_attention=not args.no_cache, sequence_parallel=args.sequence_parallel,
                         data_parallel=data_parallel)
@@ -180,7 +188,8 @@ def motion(args) -> None:
 
 
 def check(args) -> None:
-    summary = minialg.check(args.model, transformer=args.transformer, transformer_2=args.transformer_2)
+    summary = minialg.check(args.model, transformer=args.transformer, transformer_2=args.transformer_2,
+                            **loras(args))
     for row in summary:
         print(f"{row['component']:14s} {row['class']:16s} {row['tensors']:5d} tensors in {row['files']} file(s), "
               f"{row['parameters'] / 1e9:.3f} B parameters")
@@ -189,6 +198,14 @@ def check(args) -> None:
             print(f"{'':14s} {getattr(args, row['component'])}: {row['model']}\n{'':14s} {row['format']} layout "
                   f"({row['names']} names, {sharded}, {row['bytes'] / 1e9:.2f} GB): {row['precision']}\n"
                   f"{'':14s} config: {row['config']}")
+        for entry in row.get("loras", []):
+            unmatched = entry["unmatched"]
+            print(f"{'':14s} LoRA {entry['file']} (strength {entry['strength']:g}): {entry['format']} names, "
+                  f"{', '.join(entry['keys'])}, rank {entry['rank']}; {entry['matched']} keys matched, "
+                  f"{len(unmatched)} unmatched{': ' if unmatched else ''}{', '.join(unmatched[:10])}"
+                  f"{' ...' if len(unmatched) > 10 else ''}")
+    for row in summary:
+        lora.refuse_unmatched(row.get("loras", []), row["component"], not args.lora_skip_unmatched)
     print(f"ok: {args.model} matches its configs")
 
 
@@ -282,6 +299,15 @@ def add_transformer_flags(parser: argparse.ArgumentParser) -> None:
                              "names; fp32, bf16, fp16, fp8, scaled fp8) instead of the model folder's")
     parser.add_argument("--transformer_2", default=None, metavar="FILE",
                         help="Wan 2.2 I2V-A14B: the low-noise expert from a file or folder of its own")
+    parser.add_argument("--lora", nargs="+", action="extend", default=None, metavar="FILE[:STRENGTH]",
+                        help="Wan: LoRAs merged into the transformer as it loads (diffusers/PEFT, ComfyUI, "
+                             "diffusion-pipe, kohya/musubi, full .diff deltas; a hub file as org/repo/file); "
+                             "repeatable; strength 1 by default; overrides the config's model.lora")
+    parser.add_argument("--lora_2", nargs="+", action="extend", default=None, metavar="FILE[:STRENGTH]",
+                        help="Wan 2.2 I2V-A14B: LoRAs for the low-noise expert (transformer_2); overrides model.lora_2")
+    parser.add_argument("--lora_skip_unmatched", action="store_true",
+                        help="merge a LoRA whose keys partly match nothing in the transformer (a warning names them) "
+                             "instead of refusing it")
 
 
 def subcommand_parser(name: str) -> argparse.ArgumentParser:
@@ -383,7 +409,10 @@ def batch_plan(args) -> int:
     if parallel.rank() != 0:  # under torchrun: checked and said once, by rank 0
         return 0
     config, folder, items, bad, generation, seed = batch_settings(args)
-    minialg.check(folder)  # every component's names and shapes; no tensor data read
+    summary = minialg.check(folder, transformer=args.transformer, transformer_2=args.transformer_2,
+                            **loras(args, config))  # every component's names and shapes, the LoRAs'; no tensor data
+    for row in summary:
+        lora.refuse_unmatched(row.get("loras", []), row["component"], not args.lora_skip_unmatched)
     lines, counts = batches.plan(items, bad, Path(args.output_dir), generation=generation, seed=seed,
                                  check=lambda settings: check_generation(folder, config, settings),
                                  extension=f".{args.format}", resolution=config.resolution, fixed=flagged(args))
