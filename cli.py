@@ -48,8 +48,9 @@ SUBCOMMANDS = {  # name -> one line for the top-level help
     "compare": "one run with ALG and one without (same seed): videos, motion reports, report.html",
     "batch": "one video per line of a JSONL manifest: resumable, failures logged, lines shared over torchrun ranks",
 }
+# generation keys only some families take (checked before the model loads)
 FAMILY_OPTIONS = ("guidance_scale_2", "true_cfg_scale", "i2v_stable", "frame_rate", "guidance_rescale",
-                  "decode_timestep", "decode_noise_scale", "image_cond_noise_scale", "timesteps", "sigmas")  # generation keys only some families take (checked before the model loads)
+                  "decode_timestep", "decode_noise_scale", "image_cond_noise_scale", "timesteps", "sigmas")
 OVERRIDES = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")  # run flags over the config
 LINES_FAILED = 3  # batch's exit status when some lines failed (1 is an error before any video)
 

@@ -32,9 +32,9 @@ GENERATION = {"height": int, "width": int, "num_frames": int, "num_inference_ste
               # LTX-Video (diffusers' names)
               "frame_rate": (int, float), "guidance_rescale": (int, float), "decode_timestep": (int, float),
               "decode_noise_scale": (int, float), "image_cond_noise_scale": (int, float), "timesteps": list,
-              "sigmas": list}  # Wan: a step-distilled schedule's noise levels
-SECTIONS = {"model": ("path", "dtype", "flow_shift", "flow_reverse", "lora", "lora_2"), "generation": tuple(GENERATION), "alg": None,
-            "video": ("fps", "resolution")}
+              "sigmas": list}  # sigmas: Wan's given noise levels (step-distilled LoRAs)
+SECTIONS = {"model": ("path", "dtype", "flow_shift", "flow_reverse", "lora", "lora_2"),
+            "generation": tuple(GENERATION), "alg": None, "video": ("fps", "resolution")}
 RESOLUTIONS = {"360p": 480, "540p": 720, "720p": 960}  # HunyuanVideo's buckets: the side of the square one
 
 
