@@ -1,27 +1,26 @@
 """LoRAs for Wan, merged into a transformer's weights as they load: `minialg.load(model, loras=[(FILE, strength)])`,
 and for Wan 2.2 A14B's low-noise expert `loras_2=[...]` (diffusers' load_into_transformer_2).
 
-Each key of a LoRA file is a module path and a suffix; after an optional prefix (`transformer.`, `diffusion_model.`,
-`model.diffusion_model.`, `lora_unet_`) the path may be spelled in diffusers' names, in the official ones (the
-table of minialg.single_file), or in either with kohya's underscores for dots:
+A key of a LoRA file is a module path and a suffix. After a prefix (`transformer.`, `diffusion_model.`,
+`model.diffusion_model.`, `lora_unet_`), the path is in diffusers' names or the official ones (minialg.single_file's
+table), with dots or kohya's underscores:
 
-    diffusers, PEFT          blocks.0.attn1.to_q.lora_A.weight, .lora_B.weight     scale 1, or lora_alpha / rank from
-                                                                                   the file's PEFT metadata (diffusers')
-    ComfyUI, diffusion-pipe  blocks.0.self_attn.q.lora_A.weight, .lora_B.weight    scale 1
-    kohya, musubi-tuner      lora_unet_blocks_0_self_attn_q.lora_down.weight, .lora_up.weight, .alpha
-                                                                                   scale alpha / rank
-    full deltas              X.diff (X's weight, or the tensor X), X.diff_b (X's bias), X.diff_m (X's modulation)
+    diffusers, PEFT          transformer.blocks.0.attn1.to_q.lora_A.weight, .lora_B.weight    scale 1, or the PEFT
+                             metadata's lora_alpha / rank (what diffusers saves; alpha_pattern, rsLoRA)
+    ComfyUI, diffusion-pipe  diffusion_model.blocks.0.self_attn.q.lora_A.weight, .lora_B      scale 1
+    kohya, musubi-tuner      lora_unet_blocks_0_self_attn_q.lora_down.weight, .lora_up, .alpha scale alpha / rank
+    full deltas              X.diff (X's weight, or the tensor X), X.diff_b (its bias), X.diff_m (its modulation)
 
-An `.alpha` beside any pair gives it the scale alpha / rank, as diffusers and ComfyUI read it. Every tensor W the
-LoRAs touch loads as W + sum over the LoRAs of strength * (scale * B @ A + diff), in float32, then in the dtype it
-loads in. An fp8 weight (minialg.fp8) is up-cast with its scale_weight first, and its merged layer becomes an
-ordinary Linear in the compute dtype: a merged fp8 layer is no longer fp8 (2 bytes a weight in bf16, not 1).
-diffusers' loader drops `.diff` and `.diff_m` (but for the head's) and the deltas of norms; minialg, like ComfyUI,
-applies everything the file holds.
+An `.alpha` beside any pair scales it by alpha / rank, as diffusers and ComfyUI read it. Each tensor W the LoRAs
+touch loads as W + sum over the LoRAs of strength * (scale * B @ A + diff), in float32, then in its dtype. An fp8
+weight (minialg.fp8) is up-cast with its scale_weight first, and its layer becomes an ordinary Linear in the
+compute dtype: a merged fp8 layer is no longer fp8 (2 bytes a weight in bf16, not 1; not re-quantized).
+Where diffusers' loader differs, minialg applies what the file holds, as ComfyUI does: diffusers drops `.diff`
+(but the head's), `.diff_m` and norm deltas, and reads a diffusers-format file's keys only with `transformer.`.
 
-A key that names nothing in the transformer (a LoRA of another model; Wan 2.1 I2V's image cross-attention, k_img
-and v_img, on Wan 2.2) is listed by `check`; `load` refuses such a file, naming the first few, unless
-strict_loras=False, which warns and merges the rest. A tensor whose shape differs from its target's is an error.
+A key that names nothing in the transformer (another model's LoRA; Wan 2.1 I2V's image cross-attention k_img, v_img
+on Wan 2.2) is listed by `check`; `load` refuses the file, naming the first few, unless strict_loras=False: then it
+warns and merges the rest. A tensor whose shape does not fit its target is an error.
 """
 
 import dataclasses
@@ -45,13 +44,8 @@ TENSOR = {"diff_b": "bias", "diff_m": "modulation"}  # the tensor of a module a 
 
 def spellings(names) -> dict[str, tuple[str, str]]:
     """Each way a file may spell a tensor of the module, dots as underscores -> (its name, "diffusers" | "official")."""
-    table = {}
-    for name in names:
-        official = single_file.to_official(name)
-        table[official.replace(".", "_")] = (name, "official" if official != name else "either")
-        if official != name:
-            table[name.replace(".", "_")] = (name, "diffusers")
-    return table
+    official = {single_file.to_official(name).replace(".", "_"): (name, "official") for name in names}
+    return official | {name.replace(".", "_"): (name, "diffusers") for name in names}
 
 
 def split(key: str) -> tuple[str, str | None]:
@@ -130,7 +124,7 @@ class LoRA:
 
     def summary(self) -> dict:
         return {"file": str(self.file), "strength": self.strength, "format": self.format, "keys": self.suffixes,
-                "rank": "-".join(map(str, dict.fromkeys(self.ranks[:1] + self.ranks[-1:]))) or None,
+                "rank": "-".join(str(r) for r in sorted({self.ranks[0], self.ranks[-1]})) if self.ranks else None,
                 "matched": sum(len(r) for r in self.parts.values()), "unmatched": self.unmatched}
 
     def scale(self, name: str, roles: dict, rank: int) -> float:
@@ -167,11 +161,9 @@ def entries(value) -> list[tuple[str, float]]:
 def refuse_unmatched(summaries: list[dict], component: str, strict: bool = True) -> None:
     """One error (strict) or warning per LoRA with keys that name nothing in `component`."""
     for row in summaries:
-        keys = row["unmatched"]
+        keys, more = row["unmatched"], f" (and {len(row['unmatched']) - 3} more)" if len(row["unmatched"]) > 3 else ""
+        message = f"LoRA {row['file']}: {len(keys)} keys match nothing in {component}: {', '.join(keys[:3])}{more}"
         if keys:
-            more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
-            message = (f"LoRA {row['file']}: {len(keys)} keys match nothing in {component}: "
-                       f"{', '.join(keys[:3])}{more}")
             if strict:
                 raise CheckpointError(message + "; strict_loras=False (--lora_skip_unmatched) merges the rest")
             warnings.warn(message + "; merging the rest")
@@ -188,11 +180,12 @@ def load(model_cls, config_cls, source, device, dtype: torch.dtype, entries: lis
         lora.tensors = load_file(str(lora.file))
     scales, folded = {}, set()  # scaled fp8 weights the LoRAs touch: their scale_weight is folded in here
     for file, names in checkpoint.plan(module, source).items():
-        wanted = [(stored, name[:-len("scale_weight")] + "weight") for stored, name in names
-                  if name.endswith(".scale_weight") and name[:-len("scale_weight")] + "weight" in touched]
-        with safe_open(str(file), framework="pt") as f:
-            scales.update({weight: f.get_tensor(stored).float() for stored, weight in wanted})
-        folded.update(stored for stored, _ in wanted)
+        wanted = {stored: name.removesuffix("scale_weight") + "weight" for stored, name in names
+                  if name.endswith(".scale_weight") and name.removesuffix("scale_weight") + "weight" in touched}
+        if wanted:
+            with safe_open(str(file), framework="pt") as f:
+                scales.update({weight: f.get_tensor(stored).float() for stored, weight in wanted.items()})
+        folded.update(wanted)
     rename = source.rename
     source = dataclasses.replace(source, rename=lambda name: None if name in folded else rename(name))
 
