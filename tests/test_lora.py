@@ -364,6 +364,8 @@ def test_distilled_presets_run_alg_as_one_pass_on_c_lp_at_step_0(preset, tmp_pat
     assert all(torch.equal(c[0], calls[-1][1][0]) for _, c in calls[1:])  # steps 1-3: c
     if family == "wan22":  # 2 high-noise, 2 low-noise steps (t = 1000, 937.5 | 833.3, 625; the boundary is 900)
         assert [m is pipe.transformer for m, _ in calls] == [True, True, False, False]
+    with pytest.raises(ValueError, match="sigmas must be 4 decreasing numbers in"):
+        pipe(test_image, PROMPT, alg=with_alg.alg, **dict(run, sigmas=[1.0, 0.25, 0.5, 0.1]))
     calls.clear()
     plain = pipe(test_image, PROMPT, alg=default.alg, **run)
     assert all(torch.equal(c[0], calls[-1][1][0]) for _, c in calls) and (plain - frames).abs().max() > 1e-3
