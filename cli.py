@@ -124,9 +124,8 @@ def check_generation(folder: Path, config, generation: dict) -> dict:
 
 def loras(args, config=None) -> dict:
     """load's and check's LoRA keywords: --lora / --lora_2 (FILE[:STRENGTH]) where given, else the config's."""
-    given = {"loras": args.lora, "loras_2": args.lora_2}
-    return {key: [lora_entry(e) for e in value] if value is not None else getattr(config, key, [])
-            for key, value in given.items()}
+    return {key: getattr(config, key, []) if given is None else [lora_entry(e) for e in given]
+            for key, given in (("loras", args.lora), ("loras_2", args.lora_2))}
 
 
 def load_pipeline(args, folder, config, data_parallel: bool = False) -> "minialg.Pipeline":
@@ -199,14 +198,11 @@ def check(args) -> None:
             print(f"{'':14s} {getattr(args, row['component'])}: {row['model']}\n{'':14s} {row['format']} layout "
                   f"({row['names']} names, {sharded}, {row['bytes'] / 1e9:.2f} GB): {row['precision']}\n"
                   f"{'':14s} config: {row['config']}")
-        for entry in row.get("loras", []):
-            unmatched = entry["unmatched"]
-            print(f"{'':14s} LoRA {entry['file']} (strength {entry['strength']:g}): {entry['format']} names, "
-                  f"{', '.join(entry['keys'])}, rank {entry['rank']}; {entry['matched']} keys matched, "
-                  f"{len(unmatched)} unmatched{': ' if unmatched else ''}{', '.join(unmatched[:10])}"
-                  f"{' ...' if len(unmatched) > 10 else ''}")
-    for row in summary:
-        lora.refuse_unmatched(row.get("loras", []), row["component"], not args.lora_skip_unmatched)
+        for e in row.get("loras", []):
+            print(f"{'':14s} LoRA {e['file']} (strength {e['strength']:g}): {e['format']} names, "
+                  f"{', '.join(e['keys'])}, rank {e['rank']}; {e['matched']} keys matched, "
+                  f"{len(e['unmatched'])} unmatched" + "".join(f"\n{'':16s} unmatched: {k}" for k in e["unmatched"]))
+    lora.refuse_unmatched(summary, not args.lora_skip_unmatched)  # as load refuses them
     print(f"ok: {args.model} matches its configs")
 
 
@@ -300,15 +296,12 @@ def add_transformer_flags(parser: argparse.ArgumentParser) -> None:
                              "names; fp32, bf16, fp16, fp8, scaled fp8) instead of the model folder's")
     parser.add_argument("--transformer_2", default=None, metavar="FILE",
                         help="Wan 2.2 I2V-A14B: the low-noise expert from a file or folder of its own")
-    parser.add_argument("--lora", nargs="+", action="extend", default=None, metavar="FILE[:STRENGTH]",
-                        help="Wan: LoRAs merged into the transformer as it loads (diffusers/PEFT, ComfyUI, "
-                             "diffusion-pipe, kohya/musubi, full .diff deltas; a hub file as org/repo/file); "
-                             "repeatable; strength 1 by default; overrides the config's model.lora")
-    parser.add_argument("--lora_2", nargs="+", action="extend", default=None, metavar="FILE[:STRENGTH]",
-                        help="Wan 2.2 I2V-A14B: LoRAs for the low-noise expert (transformer_2); overrides model.lora_2")
+    for flag, whose in (("lora", "the transformer"), ("lora_2", "Wan 2.2 A14B's low-noise expert")):
+        parser.add_argument(f"--{flag}", nargs="+", action="extend", metavar="FILE[:STRENGTH]", help=f"Wan: LoRAs "
+                            f"merged into {whose} (diffusers/PEFT, ComfyUI, kohya/musubi, .diff deltas; a hub file "
+                            f"as org/repo/file), strength 1 by default; repeatable; overrides model.{flag}")
     parser.add_argument("--lora_skip_unmatched", action="store_true",
-                        help="merge a LoRA whose keys partly match nothing in the transformer (a warning names them) "
-                             "instead of refusing it")
+                        help="merge a LoRA with keys that match nothing (a warning names them) instead of refusing it")
 
 
 def subcommand_parser(name: str) -> argparse.ArgumentParser:
@@ -412,8 +405,7 @@ def batch_plan(args) -> int:
     config, folder, items, bad, generation, seed = batch_settings(args)
     summary = minialg.check(folder, transformer=args.transformer, transformer_2=args.transformer_2,
                             **loras(args, config))  # every component's names and shapes, the LoRAs'; no tensor data
-    for row in summary:
-        lora.refuse_unmatched(row.get("loras", []), row["component"], not args.lora_skip_unmatched)
+    lora.refuse_unmatched(summary, not args.lora_skip_unmatched)
     lines, counts = batches.plan(items, bad, Path(args.output_dir), generation=generation, seed=seed,
                                  check=lambda settings: check_generation(folder, config, settings),
                                  extension=f".{args.format}", resolution=config.resolution, fixed=flagged(args))

@@ -158,12 +158,13 @@ def entries(value) -> list[tuple[str, float]]:
     return [(file, float(strength)) for file, strength in pairs]
 
 
-def refuse_unmatched(summaries: list[dict], component: str, strict: bool = True) -> None:
-    """One error (strict) or warning per LoRA with keys that name nothing in `component`."""
-    for row in summaries:
-        keys, more = row["unmatched"], f" (and {len(row['unmatched']) - 3} more)" if len(row["unmatched"]) > 3 else ""
-        message = f"LoRA {row['file']}: {len(keys)} keys match nothing in {component}: {', '.join(keys[:3])}{more}"
+def refuse_unmatched(summary: list[dict], strict: bool = True) -> None:
+    """One error (strict) or warning per LoRA in check's summary with keys that name nothing in its transformer."""
+    for row in [dict(lora, component=part["component"]) for part in summary for lora in part.get("loras", [])]:
+        keys = row["unmatched"]
         if keys:
+            message = (f"LoRA {row['file']}: {len(keys)} keys match nothing in {row['component']}: "
+                       f"{', '.join(keys[:3])}{f' (and {len(keys) - 3} more)' if len(keys) > 3 else ''}")
             if strict:
                 raise CheckpointError(message + "; strict_loras=False (--lora_skip_unmatched) merges the rest")
             warnings.warn(message + "; merging the rest")

@@ -138,8 +138,7 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transf
     device = torch.device(device)
     folder = checkpoint.resolve(model)
     summary = check(folder, transformer, transformer_2, loras, loras_2)  # names and shapes, before any tensor data
-    for row in summary:
-        lora.refuse_unmatched(row.get("loras", []), row["component"], strict_loras)
+    lora.refuse_unmatched(summary, strict_loras)
     cls = pipeline_class(folder)
     if offload_encoders is None:
         offload_encoders = cls.offload_by_default(device)

@@ -308,7 +308,7 @@ def test_check_and_the_flags(tiny_wan, state, tmp_path, capsys):
     tensors = load_file(file) | {"lora_unet_blocks_0_nowhere.lora_down.weight": torch.zeros(RANK, 2)}
     save_file(tensors, file)
     assert cli.main(["check", str(tiny_wan), "--lora", file]) == 1
-    assert "1 unmatched: lora_unet_blocks_0_nowhere.lora_down.weight" in capsys.readouterr().out
+    assert "1 unmatched\n" in (out := capsys.readouterr().out) and "unmatched: lora_unet_blocks_0_nowhere" in out
     args = cli.top_parser().parse_args(["--config", "wan_alg", "--image_path", "i", "--prompt", "p", "--output_path",
                                         "o.mp4", "--lora", "a.safetensors:0.5", "b:c.safetensors",
                                         "--lora", "d.safetensors"])
