@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 import minialg
-from minialg import checkpoint, media, parallel
-from minialg.config import bucket_size, load_config, sized  # noqa: F401  (bucket_size: still importable from here)
+from minialg import checkpoint, lora, media, parallel
+from minialg.config import bucket_size, load_config, lora_entry, sized  # noqa: F401  (bucket_size: importable here)
 from minialg.demo import FAMILIES
 from minialg.pipeline import settle
 from minialg.registry import default_preset, pipeline_class
@@ -122,9 +122,16 @@ def check_generation(folder: Path, config, generation: dict) -> dict:
     return run
 
 
+def loras(args, config=None) -> dict:
+    """load's and check's LoRA keywords: --lora / --lora_2 (FILE[:STRENGTH]) where given, else the config's."""
+    return {key: getattr(config, key, []) if given is None else [lora_entry(e) for e in given]
+            for key, given in (("loras", args.lora), ("loras_2", args.lora_2))}
+
+
 def load_pipeline(args, folder, config, data_parallel: bool = False) -> "minialg.Pipeline":
     return minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
-                        transformer=args.transformer, transformer_2=args.transformer_2,
+                        transformer=args.transformer, transformer_2=args.transformer_2, **loras(args, config),
+                        strict_loras=not args.lora_skip_unmatched,
                         offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks,
                         cache_cross_attention=not args.no_cache, sequence_parallel=args.sequence_parallel,
                         data_parallel=data_parallel)
@@ -181,7 +188,8 @@ def motion(args) -> None:
 
 
 def check(args) -> None:
-    summary = minialg.check(args.model, transformer=args.transformer, transformer_2=args.transformer_2)
+    summary = minialg.check(args.model, transformer=args.transformer, transformer_2=args.transformer_2,
+                            **loras(args))
     for row in summary:
         print(f"{row['component']:14s} {row['class']:16s} {row['tensors']:5d} tensors in {row['files']} file(s), "
               f"{row['parameters'] / 1e9:.3f} B parameters")
@@ -190,6 +198,11 @@ def check(args) -> None:
             print(f"{'':14s} {getattr(args, row['component'])}: {row['model']}\n{'':14s} {row['format']} layout "
                   f"({row['names']} names, {sharded}, {row['bytes'] / 1e9:.2f} GB): {row['precision']}\n"
                   f"{'':14s} config: {row['config']}")
+        for e in row.get("loras", []):
+            print(f"{'':14s} LoRA {e['file']} (strength {e['strength']:g}): {e['format']} names, "
+                  f"{', '.join(e['keys'])}, rank {e['rank']}; {e['matched']} keys matched, "
+                  f"{len(e['unmatched'])} unmatched" + "".join(f"\n{'':16s} unmatched: {k}" for k in e["unmatched"]))
+    lora.refuse_unmatched(summary, not args.lora_skip_unmatched)  # as load refuses them
     print(f"ok: {args.model} matches its configs")
 
 
@@ -283,6 +296,12 @@ def add_transformer_flags(parser: argparse.ArgumentParser) -> None:
                              "names; fp32, bf16, fp16, fp8, scaled fp8) instead of the model folder's")
     parser.add_argument("--transformer_2", default=None, metavar="FILE",
                         help="Wan 2.2 I2V-A14B: the low-noise expert from a file or folder of its own")
+    for flag, whose in (("lora", "the transformer"), ("lora_2", "Wan 2.2 A14B's low-noise expert")):
+        parser.add_argument(f"--{flag}", nargs="+", action="extend", metavar="FILE[:STRENGTH]", help=f"Wan: LoRAs "
+                            f"merged into {whose} (diffusers/PEFT, ComfyUI, kohya/musubi, .diff deltas; a hub file "
+                            f"as org/repo/file), strength 1 by default; repeatable; overrides model.{flag}")
+    parser.add_argument("--lora_skip_unmatched", action="store_true",
+                        help="merge a LoRA with keys that match nothing (a warning names them) instead of refusing it")
 
 
 def subcommand_parser(name: str) -> argparse.ArgumentParser:
@@ -384,7 +403,9 @@ def batch_plan(args) -> int:
     if parallel.rank() != 0:  # under torchrun: checked and said once, by rank 0
         return 0
     config, folder, items, bad, generation, seed = batch_settings(args)
-    minialg.check(folder)  # every component's names and shapes; no tensor data read
+    summary = minialg.check(folder, transformer=args.transformer, transformer_2=args.transformer_2,
+                            **loras(args, config))  # every component's names and shapes, the LoRAs'; no tensor data
+    lora.refuse_unmatched(summary, not args.lora_skip_unmatched)
     lines, counts = batches.plan(items, bad, Path(args.output_dir), generation=generation, seed=seed,
                                  check=lambda settings: check_generation(folder, config, settings),
                                  extension=f".{args.format}", resolution=config.resolution, fixed=flagged(args))

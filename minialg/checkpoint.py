@@ -195,19 +195,19 @@ def load(model_cls, config_cls, source: Path | Weights, device="cpu", dtype=torc
     Floating tensors with a dotted name part in the module's `fp32_params` stay float32 (diffusers' rule); the
     tensors a layer names in its `stored` (minialg.fp8: fp8 weights and their scales) stay as the file stores
     them. `transform(name in the module, tensor)`, if given, sees every tensor as read, before its dtype is set,
-    and returns the tensor to keep: the place for a per-tensor step such as merging a LoRA.
+    and returns the tensor to keep: the place for a per-tensor step such as merging a LoRA (minialg.lora). A tensor
+    it replaces is no longer as stored: it gets the dtype of any other (a merged fp8 weight, the compute dtype).
     """
     module = build(model_cls, config_cls, source)
     keep_fp32 = getattr(module, "fp32_params", ())
     for file, names in plan(module, source).items():
         with safe_open(str(file), framework="pt", device=str(device)) as f:
             for file_name, module_name in names:
-                tensor = f.get_tensor(file_name)
-                if transform is not None:
-                    tensor = transform(module_name, tensor)
+                read = f.get_tensor(file_name)
+                tensor = read if transform is None else transform(module_name, read)
                 owner, _, leaf = module_name.rpartition(".")
                 sub = module.get_submodule(owner)
-                if tensor.is_floating_point() and leaf not in getattr(sub, "stored", ()):
+                if tensor.is_floating_point() and (leaf not in getattr(sub, "stored", ()) or tensor is not read):
                     fp32 = any(part in keep_fp32 for part in module_name.split("."))
                     tensor = tensor.to(torch.float32 if fp32 else dtype)
                 if leaf in sub._buffers:  # a persistent buffer (LTX-Video's latents_mean / latents_std)

@@ -1,6 +1,6 @@
 """Run configs in the authors' YAML format -> a validated RunConfig.
 
-    model:      {path, dtype, flow_shift, flow_reverse}
+    model:      {path, dtype, flow_shift, flow_reverse, lora, lora_2}
     generation: keyword arguments of the pipeline call (height, width, num_frames, guidance_scale, ...)
     alg:        the ALG settings (minialg.alg.ALGConfig)
     video:      {fps, resolution}
@@ -8,6 +8,9 @@
 The HunyuanVideo-I2V configs keep two settings where the authors' run.py reads them: `model.flow_shift` (a
 generation flow_shift) and `video.resolution` ("360p", "540p", "720p": the size is the resolution's bucket closest
 to the image's aspect ratio, `bucket_size`); `model.flow_reverse` must be false (no reversed schedule).
+`model.lora` and `model.lora_2` name LoRAs (minialg.lora) for the transformer and, on Wan 2.2 A14B, the low-noise
+expert: one entry or a list of them, each a file (a hub file as `org/repo/file.safetensors`), `FILE:STRENGTH`, or a
+mapping {path, strength}; the strength defaults to 1.
 Presets ship inside the package (minialg/configs/NAME.yaml) and can be named instead of a path.
 """
 
@@ -31,9 +34,10 @@ GENERATION = {"height": int, "width": int, "num_frames": int, "num_inference_ste
               "decode_noise_scale": (int, float), "image_cond_noise_scale": (int, float), "timesteps": list,
               "upsampler": str, "downscale_factor": (int, float), "adain_factor": (int, float),
               "tone_map_compression_ratio": (int, float), "refine_steps": int, "refine_strength": (int, float),
-              "refine_timesteps": list}
-SECTIONS = {"model": ("path", "dtype", "flow_shift", "flow_reverse"), "generation": tuple(GENERATION), "alg": None,
-            "video": ("fps", "resolution")}
+              "refine_timesteps": list,
+              "sigmas": list}  # sigmas: Wan's given noise levels (step-distilled LoRAs)
+SECTIONS = {"model": ("path", "dtype", "flow_shift", "flow_reverse", "lora", "lora_2"),
+            "generation": tuple(GENERATION), "alg": None, "video": ("fps", "resolution")}
 RESOLUTIONS = {"360p": 480, "540p": 720, "720p": 960}  # HunyuanVideo's buckets: the side of the square one
 
 
@@ -45,6 +49,32 @@ class RunConfig:
     alg: ALGConfig = field(default_factory=ALGConfig)
     fps: float = 16
     resolution: str | None = None  # a key of RESOLUTIONS: the size comes from the image (bucket_size)
+    loras: list = field(default_factory=list)  # [(file, strength)] for the transformer
+    loras_2: list = field(default_factory=list)  # [(file, strength)] for transformer_2 (Wan 2.2 A14B)
+
+
+def lora_entry(text: str) -> tuple[str, float]:
+    """`FILE` or `FILE:STRENGTH` -> (file, strength); a last `:` part that is no number belongs to the file."""
+    file, _, strength = text.rpartition(":")
+    try:
+        return (file, float(strength)) if file else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+def loras_of(value, where: str) -> list[tuple[str, float]]:
+    """A config's `model.lora` / `model.lora_2`: one entry or a list; each a string or a {path, strength} mapping."""
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    entries = []
+    for item in items:
+        if isinstance(item, dict) and set(item) <= {"path", "strength"} and isinstance(item.get("path"), str) and \
+                isinstance(item.get("strength", 1.0), (int, float)) and not isinstance(item.get("strength"), bool):
+            entries.append((item["path"], float(item.get("strength", 1.0))))
+        elif isinstance(item, str) and item:
+            entries.append(lora_entry(item))
+        else:
+            raise ValueError(f"{where}: a LoRA is a file, 'FILE:STRENGTH' or {{path, strength}}, got {item!r}")
+    return entries
 
 
 def bucket_size(resolution: str, height: int, width: int) -> tuple[int, int]:
@@ -126,6 +156,8 @@ def parse_config(raw: dict, where: str = "config") -> RunConfig:
         if model["dtype"] not in DTYPES:
             raise ValueError(f"{where}: model.dtype must be one of {', '.join(DTYPES)}, got {model['dtype']!r}")
         config.dtype = model["dtype"]
+    config.loras = loras_of(model.get("lora"), f"{where}: model.lora")
+    config.loras_2 = loras_of(model.get("lora_2"), f"{where}: model.lora_2")
     if video.get("fps") is not None:
         fps = video["fps"]
         if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:

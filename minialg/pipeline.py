@@ -36,6 +36,7 @@ class Pipeline:
     two_pass_filters: bool  # whether the CFG passes of a step without the ALG batch see c_lp (True) or c
     lp_at_every_step: bool = False  # without CFG, whether ALG's one pass sees c_lp also where s == 0
     sequence_parallel: bool = True  # whether the transformer splits its tokens over ranks (minialg.parallel)
+    takes_loras: bool = False  # whether load merges LoRAs into its transformers (minialg.lora: Wan's names)
     layout = parallel.Layout()  # this process's place among the ranks (load sets it under torchrun)
     cache_steps: bool = True  # keep step-invariant work between the steps of a run (load's cache_cross_attention)
 

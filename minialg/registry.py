@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, gpu, parallel
+from . import checkpoint, gpu, lora, parallel
 from .pipeline import Pipeline
 
 FAMILIES = (  # module, class: imported when a folder is first matched (each pulls in its model files)
@@ -61,27 +61,46 @@ def components(folder: Path, transformer=None, transformer_2=None) -> dict[str, 
     return parts
 
 
-def check(model, transformer=None, transformer_2=None) -> list[dict]:
+def lora_lists(folder: Path, parts: dict, loras, loras_2) -> dict[str, list[tuple[str, float]]]:
+    """Each transformer's LoRAs [(file, strength)]: `loras` for transformer, `loras_2` for transformer_2."""
+    lists = {"transformer": lora.entries(loras), "transformer_2": lora.entries(loras_2)}
+    for sub, given in lists.items():
+        if given and not pipeline_class(folder).takes_loras:
+            raise checkpoint.CheckpointError(f"{folder}: minialg merges LoRAs into Wan transformers only")
+        if given and sub not in parts:
+            raise checkpoint.CheckpointError(f"{folder} has one transformer: loras_2 is for two-expert checkpoints "
+                                             "(Wan 2.2 I2V-A14B)")
+    return lists
+
+
+def check(model, transformer=None, transformer_2=None, loras=None, loras_2=None) -> list[dict]:
     """Validate a checkpoint from its configs and safetensors headers alone; one summary dict per component.
     `transformer`, `transformer_2`: a transformer's weights from a file or folder of their own (as in load); their
-    rows also say what the file is (format, names, model, precision, bytes)."""
+    rows also say what the file is (format, names, model, precision, bytes). `loras`, `loras_2` (as in load): the
+    transformer's rows list each LoRA (minialg.lora: format, keys, rank, matched and unmatched keys)."""
     folder = checkpoint.resolve(model)
     cls = pipeline_class(folder)
     for file in cls.files_of(folder):
         if not (folder / file).is_file():
             raise checkpoint.CheckpointError(f"missing file: {folder / file}")
     summary = []
-    for sub, (model_cls, config_cls, source) in components(folder, transformer, transformer_2).items():
+    parts = components(folder, transformer, transformer_2)
+    lists = lora_lists(folder, parts, loras, loras_2)
+    for sub, (model_cls, config_cls, source) in parts.items():
         module = checkpoint.build(model_cls, config_cls, source)
         files = checkpoint.plan(module, source)
         params = sum(t.numel() for t in module.state_dict().values())
         about = source.about if isinstance(source, checkpoint.Weights) else {}
         summary.append({"component": sub, "class": model_cls.__name__, "files": len(files),
                         "tensors": sum(len(names) for names in files.values()), "parameters": params, **about})
+        if lists.get(sub):
+            shapes = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+            summary[-1]["loras"] = [lora.LoRA.read(f, s, shapes).summary() for f, s in lists[sub]]
     return summary
 
 
-def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transformer_2=None, offload_encoders: bool | None = None, compile: bool = False,
+def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transformer_2=None, loras=None,
+         loras_2=None, strict_loras: bool = True, offload_encoders: bool | None = None, compile: bool = False,
          stream_blocks: bool = False, cache_cross_attention: bool = True, sequence_parallel: int = 1,
          data_parallel: bool = False) -> Pipeline:
     """Load a checkpoint folder (diffusers' layout) or hub repo id into a ready-to-call pipeline.
@@ -93,6 +112,10 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transf
     `transformer`, `transformer_2` (Wan): the transformer's weights from a file or folder of their own instead
     of the folder's (minialg.single_file: official, ComfyUI or diffusers names; fp32, bf16, fp16, fp8, scaled
     fp8 as stored); `model` gives the rest. fp8 weights stay fp8 in memory (minialg.fp8).
+    `loras`, `loras_2` (Wan): LoRAs merged into transformer and transformer_2 (Wan 2.2 A14B's low-noise expert) as
+    they load, each a file (a hub file as `org/repo/file.safetensors`) or a (file, strength) pair, in the order
+    given (minialg.lora: the formats, how each is scaled; merged fp8 layers load in `dtype`). A LoRA with keys
+    that match nothing is refused, unless `strict_loras` is False: then a warning names them.
     `compile` compiles each transformer block (regional torch.compile); `stream_blocks` keeps the transformer's
     blocks in CPU memory and streams them to `device` one at a time (minialg.gpu), for small GPUs. Where a
     checkpoint has two denoisers (Wan 2.2 A14B), the one not in use waits in CPU memory.
@@ -114,7 +137,8 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transf
         raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
     device = torch.device(device)
     folder = checkpoint.resolve(model)
-    check(folder, transformer, transformer_2)  # every component's names and shapes, before any tensor data is read
+    summary = check(folder, transformer, transformer_2, loras, loras_2)  # names and shapes, before any tensor data
+    lora.refuse_unmatched(summary, strict_loras)
     cls = pipeline_class(folder)
     if offload_encoders is None:
         offload_encoders = cls.offload_by_default(device)
@@ -122,6 +146,7 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transf
     if layout.sequence > 1 and not cls.sequence_parallel:
         raise ValueError(f"sequence parallelism is not implemented for {cls.__name__}: use --sequence_parallel 1 "
                          "(the guidance passes are still shared out over the ranks)")
+    lists = lora_lists(folder, parts, loras, loras_2)
     parallel.check_heads(layout, {sub: checkpoint.weights_in(source).config["num_attention_heads"]
                                   for sub, (_, _, source) in parts.items() if sub.startswith("transformer")})
     encoder_device = torch.device("cpu") if offload_encoders else device
@@ -130,7 +155,10 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transf
         where = encoder_device if sub.startswith(("text_encoder", "image_encoder")) else device
         if sub.startswith("transformer") and (stream_blocks or sub != "transformer"):
             where = torch.device("cpu")  # streamed blocks start there; a second expert waits there
-        modules[sub] = checkpoint.load(model_cls, config_cls, source, where, cls.dtype_of(sub, dtype))
+        if lists.get(sub):
+            modules[sub] = lora.load(model_cls, config_cls, source, where, cls.dtype_of(sub, dtype), lists[sub])
+        else:
+            modules[sub] = checkpoint.load(model_cls, config_cls, source, where, cls.dtype_of(sub, dtype))
     for sub in [s for s in modules if s.startswith("transformer")]:
         if stream_blocks:
             gpu.stream_blocks(modules[sub], device)

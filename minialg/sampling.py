@@ -1,4 +1,4 @@
-"""The solvers: UniPC (Wan 2.1's default) and plain Euler for flow matching; DDIM and DPM for CogVideoX.
+"""The solvers: UniPC (Wan 2.1's default), plain Euler and LCM for flow matching; DDIM and DPM for CogVideoX.
 
 Flow matching interpolates x = (1 - sigma) * x0 + sigma * noise, sigma running from 1 (noise) to 0 (data), and the
 model predicts the velocity v = noise - x0, so x0 = x - sigma * v. CogVideoX is a DDPM-style model instead:
@@ -230,6 +230,22 @@ class FlowEuler:
         return (x.float() + dt * velocity).to(velocity.dtype)
 
 
+class FlowLCM(FlowEuler):
+    """The consistency step of lightx2v's step-distilled Wan 2.1 (their WanStepDistillScheduler; ComfyUI's "lcm"
+    sampler, diffusers' FlowMatchLCMScheduler): predict x0 = x - sigma * v, then noise it afresh to the next level,
+    x_next = (1 - sigma_next) * x0 + sigma_next * noise, the noise drawn from the run's generator (none after the last
+    step). Its schedule is FlowEuler's."""
+
+    generator: torch.Generator | None = None
+
+    def step(self, velocity: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        x0, sigma_next = x.float() - self.sigmas[i] * velocity.float(), self.sigmas[i + 1]
+        if i + 1 == len(self.timesteps):
+            return x0.to(velocity.dtype)
+        noise = torch.randn(x0.shape, generator=self.generator, device=x0.device, dtype=torch.float32)
+        return ((1 - sigma_next) * x0 + sigma_next * noise).to(velocity.dtype)
+
+
 def _cogvideox_alphas(config: dict) -> torch.Tensor:
     """alpha_bar(t) for t = 0 .. T-1 of CogVideoX's DDPM schedule, in diffusers' dtype: float64 for scaled_linear
     betas, float32 for linear ones. SNR-shifted as in SD3 (alpha_bar / (s + (1 - s) * alpha_bar)), then optionally
@@ -383,7 +399,7 @@ class DPM:
 
 
 Solver = UniPC | FlowEuler | DDIM | DPM
-SOLVERS = {"unipc": UniPC, "euler": FlowEuler, "ddim": DDIM, "dpm": DPM}
+SOLVERS = {"unipc": UniPC, "euler": FlowEuler, "lcm": FlowLCM, "ddim": DDIM, "dpm": DPM}
 # The solver that reproduces each diffusers scheduler, for make_solver("auto", ...).
 SCHEDULER_SOLVERS = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler",
                      "CogVideoXDDIMScheduler": "ddim", "CogVideoXDPMScheduler": "dpm"}
@@ -395,10 +411,10 @@ def make_solver(name: str | None, scheduler_config: dict, num_steps: int, flow_s
     """A fresh solver for one run, set up from the checkpoint's scheduler config.
 
     name: "auto" or None picks the solver of the config's own scheduler (its `_class_name`: UniPC for Wan 2.1,
-    DDIM for CogVideoX); "unipc" or "euler" for flow-matching configs, "ddim" or "dpm" for CogVideoX configs, any
-    of a family on a config of the same family. flow_shift overrides a flow config's shift; generator is the
-    run's noise source, used by DPM only; sigmas or timesteps, a pipeline's own schedule, and mu, its dynamic shift:
-    Euler only (FlowEuler.from_config).
+    DDIM for CogVideoX); "unipc", "euler" or "lcm" for flow-matching configs, "ddim" or "dpm" for CogVideoX configs,
+    any of a family on a config of the same family. flow_shift overrides a flow config's shift; generator is the
+    run's noise source, used by DPM and LCM only; sigmas or timesteps, a pipeline's own schedule, and mu, its dynamic
+    shift: Euler and LCM only (FlowEuler.from_config).
     """
     if name in (None, "auto"):
         scheduler = scheduler_config.get("_class_name")
@@ -410,11 +426,13 @@ def make_solver(name: str | None, scheduler_config: dict, num_steps: int, flow_s
         raise ValueError(f"unknown solver {name!r} (choose one of {sorted(SOLVERS)} or 'auto')")
     if num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    if (sigmas is not None or timesteps is not None) and name != "euler":
-        raise ValueError(f"solver {name!r}: this pipeline sets its own noise levels, which only 'euler' follows")
+    if (sigmas is not None or timesteps is not None) and name not in ("euler", "lcm"):
+        raise ValueError(f"solver {name!r}: this run sets its own noise levels, which only 'euler' and 'lcm' follow")
     try:
-        if name == "euler":
-            return FlowEuler.from_config(scheduler_config, num_steps, flow_shift, sigmas, timesteps, mu)
+        if name in ("euler", "lcm"):
+            solver = SOLVERS[name].from_config(scheduler_config, num_steps, flow_shift, sigmas, timesteps, mu)
+            solver.generator = generator  # lcm's fresh noise
+            return solver
         if name == "unipc":
             return UniPC.from_config(scheduler_config, num_steps, flow_shift)
         if flow_shift is not None:

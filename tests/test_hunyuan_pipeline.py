@@ -264,7 +264,7 @@ def test_same_seed_same_video(tiny, test_image):
     (dict(guidance_scale_2=3.0), "unexpected keyword argument 'guidance_scale_2'"),
     (dict(height=40), "height must be a positive multiple of 16"),
     (dict(use_dynamic_cfg=True), "use_dynamic_cfg is a CogVideoX option"),
-    (dict(solver="unipc"), "only 'euler' follows"),
+    (dict(solver="unipc"), "only 'euler' and 'lcm' follow"),
 ])
 def test_bad_requests_fail_before_any_compute(tiny, test_image, kwargs, message):
     _, ours = tiny["token_replace"]

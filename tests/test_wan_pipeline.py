@@ -76,10 +76,14 @@ def test_same_seed_same_video_other_seed_other_video(ours, test_image):
     assert torch.equal(a, b) and (a - c).abs().max() > 1e-3
 
 
-def test_alg_needs_cfg(ours, test_image):
-    with pytest.raises(ValueError, match="guidance"):
-        ours(test_image, PROMPT, guidance_scale=1.0, alg=dict(ALG_BASE, **ALG_CASES["down_up-latent-interval"]),
-             progress=False, **SIZE)
+def test_alg_without_cfg_is_one_pass_on_the_filtered_condition(ours, test_image):
+    """ALG.md section 5 (guidance 1, as step-distilled LoRAs run): a filter that does nothing leaves the video as
+    without ALG; a real one changes it (tests/test_lora.py counts the passes and checks where c_lp goes)."""
+    args = dict(guidance_scale=1.0, num_inference_steps=3, seed=42, progress=False, **SIZE)
+    alg = dict(ALG_BASE, **ALG_CASES["down_up-latent-interval"])
+    plain = ours(test_image, PROMPT, **args)
+    assert torch.equal(ours(test_image, PROMPT, alg=dict(alg, lp_filter_type="none"), **args), plain)
+    assert (ours(test_image, PROMPT, alg=alg, **args) - plain).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -33,6 +33,7 @@ class Wan(T5Pipeline):
     references = ("WanImageToVideoPipeline", "WanPipeline")
     dtypes = {"vae": torch.float32, "image_encoder": torch.float32}
     family, two_pass_filters = "wan", False  # two-pass steps see the sharp condition
+    takes_loras = True  # minialg.lora
 
     @classmethod
     def check_index(cls, folder: Path, index: dict) -> None:
@@ -86,23 +87,37 @@ class Wan(T5Pipeline):
 
     @staticmethod
     def defaults_of(folder: Path) -> dict:
-        """diffusers' WanImageToVideoPipeline defaults; sizes are multiples of the VAE stride x patch size."""
+        """diffusers' WanImageToVideoPipeline defaults; sizes are multiples of the VAE stride x patch size. ALG runs
+        without CFG too (ALG.md section 5: one pass, on c_lp while s != 0), for step-distilled LoRAs."""
         vae = checkpoint.read_json(folder / "vae" / "config.json")
         config = folder / "transformer" / "config.json"  # absent where the transformer comes from its own file
         patch = checkpoint.read_json(config).get("patch_size", [1, 2, 2]) if config.is_file() else [1, 2, 2]
         return dict(height=480, width=832, num_frames=81, guidance_scale=5.0, max_sequence_length=512,
-                    frames_4k1=True, dynamic_cfg=False, size_multiple=vae.get("scale_factor_spatial", 8) * patch[1])
+                    frames_4k1=True, dynamic_cfg=False, size_multiple=vae.get("scale_factor_spatial", 8) * patch[1],
+                    alg_needs_cfg=False)
 
     @classmethod
-    def settle_options(cls, folder: Path, run: dict, guidance_scale_2: float | None = None, **options) -> dict:
-        """`guidance_scale_2`: the low-noise expert's scale (Wan 2.2 A14B); default: `guidance_scale`."""
+    def settle_options(cls, folder: Path, run: dict, guidance_scale_2: float | None = None, sigmas=None,
+                       **options) -> dict:
+        """`guidance_scale_2`: the low-noise expert's scale (Wan 2.2 A14B); default: `guidance_scale`. `sigmas`: the
+        run's noise levels, one per step from 1 down, unshifted (the solver shifts them by the flow shift), for the
+        step-distilled LoRAs' fixed schedules; the Euler and LCM solvers follow them. Default: the solver's own."""
         super().settle_options(folder, run, **options)
+        steps = run["num_inference_steps"]
+        if sigmas is not None and (not isinstance(sigmas, (list, tuple)) or len(sigmas) != steps or any(
+                isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1 for s in sigmas)
+                or any(a <= b for a, b in zip(sigmas, sigmas[1:]))):
+            raise ValueError(f"sigmas must be {steps} decreasing numbers in (0, 1], one per step, got {sigmas!r}")
         if guidance_scale_2 is not None and "transformer_2" not in cls.components_of(folder):
             raise ValueError("guidance_scale_2 is for checkpoints with two experts (Wan 2.2 A14B); this one has one")
         if guidance_scale_2 is not None and (isinstance(guidance_scale_2, bool) or
                                              not isinstance(guidance_scale_2, (int, float)) or guidance_scale_2 < 0):
             raise ValueError(f"guidance_scale_2 must be a number >= 0, got {guidance_scale_2!r}")
-        return {"guidance_scale_2": run["guidance_scale"] if guidance_scale_2 is None else guidance_scale_2}
+        return {"guidance_scale_2": run["guidance_scale"] if guidance_scale_2 is None else guidance_scale_2,
+                "sigmas": None if sigmas is None else [float(s) for s in sigmas]}
+
+    def schedule_of(self, steps: int, run: dict) -> dict:
+        return {} if run["sigmas"] is None else {"sigmas": run["sigmas"]}
 
     def denoiser_at(self, t, run: dict) -> tuple[torch.nn.Module, float]:
         """The high-noise expert (or the only transformer) while t >= boundary, then the low-noise expert."""
