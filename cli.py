@@ -124,7 +124,7 @@ def check_generation(folder: Path, config, generation: dict) -> dict:
 
 def load_pipeline(args, folder, config, data_parallel: bool = False) -> "minialg.Pipeline":
     return minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
-                        transformer=args.transformer, transformer_2=args.transformer_2,
+                        **component_files(args),
                         offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks,
                         cache_cross_attention=not args.no_cache, sequence_parallel=args.sequence_parallel,
                         data_parallel=data_parallel)
@@ -181,11 +181,11 @@ def motion(args) -> None:
 
 
 def check(args) -> None:
-    summary = minialg.check(args.model, transformer=args.transformer, transformer_2=args.transformer_2)
+    summary = minialg.check(args.model, **component_files(args))
     for row in summary:
         print(f"{row['component']:14s} {row['class']:16s} {row['tensors']:5d} tensors in {row['files']} file(s), "
               f"{row['parameters'] / 1e9:.3f} B parameters")
-        if "format" in row:  # a transformer from a file of its own
+        if "format" in row:  # a component from a file of its own
             sharded = f"{row['files']} shards" if row["files"] > 1 else "one file"
             print(f"{'':14s} {getattr(args, row['component'])}: {row['model']}\n{'':14s} {row['format']} layout "
                   f"({row['names']} names, {sharded}, {row['bytes'] / 1e9:.2f} GB): {row['precision']}\n"
@@ -277,12 +277,22 @@ def add_run_flags(parser: argparse.ArgumentParser, one_video: bool = True) -> No
     parser.add_argument("--model_cache_dir", default=None, help=argparse.SUPPRESS)  # the authors' flag
 
 
+FILES = ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")  # minialg.load's file keywords
+
+
 def add_transformer_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer", default=None, metavar="FILE",
                         help="Wan: the transformer from a file or folder of its own (official, ComfyUI or diffusers "
                              "names; fp32, bf16, fp16, fp8, scaled fp8) instead of the model folder's")
     parser.add_argument("--transformer_2", default=None, metavar="FILE",
                         help="Wan 2.2 I2V-A14B: the low-noise expert from a file or folder of its own")
+    for name in FILES[2:]:
+        parser.add_argument(f"--{name}", default=None, metavar="FILE", help=f"Wan: the {name} from a file of its "
+                            "own (official .pth, ComfyUI's or diffusers/transformers names, as stored)")
+
+
+def component_files(args) -> dict:
+    return {name: getattr(args, name) for name in FILES}  # the components given as files of their own
 
 
 def subcommand_parser(name: str) -> argparse.ArgumentParser:
