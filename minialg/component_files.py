@@ -58,8 +58,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from . import checkpoint, fp8, single_file
 from .checkpoint import CheckpointError, Weights
 
@@ -283,7 +281,7 @@ def fetch_tokenizer(folder: Path, text_encoder_file) -> None:
         try:
             sentencepiece.SentencePieceProcessor(model_proto=blob)
         except Exception as e:  # noqa: BLE001 (sentencepiece raises RuntimeError or its own)
-            raise CheckpointError(f"{file}: its spiece_model tensor is not a sentencepiece model ({e})")
+            raise CheckpointError(f"{file}: its spiece_model tensor is not a sentencepiece model ({str(e).splitlines()[0]})")
         target.write_bytes(blob)
         return
     from huggingface_hub import hf_hub_download
@@ -292,5 +290,5 @@ def fetch_tokenizer(folder: Path, text_encoder_file) -> None:
     try:
         hf_hub_download(repo, name, local_dir=target.parent)
     except Exception as e:  # offline, blocked: the one file is named with where it goes
-        raise CheckpointError(f"the UMT5 tokenizer is missing: {target} (the hub's {repo}/{name}, 4.5 MB; no "
+        raise CheckpointError(f"the UMT5 tokenizer is missing: {target} (the hub's {repo}/{name}, ~4.5 MB, no "
                               f"weights) could not be downloaded ({type(e).__name__}); put that file there")

@@ -28,7 +28,7 @@ from minialg.models.clip import CLIPVision, CLIPVisionConfig
 from minialg.models.t5 import relative_position_buckets
 from minialg.models.wan22_vae import Wan22VAE
 from minialg.models.wan_vae import WanVAE, WanVAEConfig
-from test_single_file import E4M3, PREFIX, SIZE, PROMPT, real_tensors
+from test_single_file import E4M3, PROMPT, SIZE, real_tensors
 from test_real_layout import WAN
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -452,7 +452,7 @@ def test_without_a_tokenizer_the_published_configs_say_where_it_goes(tmp_path, m
     files = real_files(tmp_path, None)
     with pytest.raises(CheckpointError, match=re.escape(
             f"the UMT5 tokenizer is missing: {tmp_path / 'weights' / 'umt5-xxl' / 'spiece.model'} (the hub's "
-            "google/umt5-xxl/spiece.model, 4.5 MB; no weights) could not be downloaded (OSError); put that file there")):
+            "google/umt5-xxl/spiece.model, ~4.5 MB, no weights) could not be downloaded (OSError); put that file there")):
         minialg.check("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", **files)
     files.pop("image_encoder")  # not every weight from a file: the hub checkpoint is the folder (here: offline)
     monkeypatch.setattr(checkpoint, "download", lambda repo, dest=None: (_ for _ in ()).throw(CheckpointError(repo)))
