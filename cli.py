@@ -34,7 +34,8 @@ import torch
 
 import minialg
 from minialg import checkpoint, lora, media, parallel
-from minialg.config import bucket_size, load_config, lora_entry, sized  # noqa: F401  (bucket_size: importable here)
+from minialg.config import bucket_size, load_config, sized  # noqa: F401  (bucket_size: importable here)
+from minialg.weight_flags import add_transformer_flags, component_files, loras
 from minialg.demo import FAMILIES
 from minialg.pipeline import settle
 from minialg.registry import default_preset, pipeline_class
@@ -122,16 +123,9 @@ def check_generation(folder: Path, config, generation: dict) -> dict:
     return run
 
 
-def loras(args, config=None) -> dict:
-    """load's and check's LoRA keywords: --lora / --lora_2 (FILE[:STRENGTH]) where given, else the config's."""
-    return {key: getattr(config, key, []) if given is None else [lora_entry(e) for e in given]
-            for key, given in (("loras", args.lora), ("loras_2", args.lora_2))}
-
-
 def load_pipeline(args, folder, config, data_parallel: bool = False) -> "minialg.Pipeline":
     return minialg.load(folder, device=args.device or default_device(), dtype=args.dtype or config.dtype,
-                        transformer=args.transformer, transformer_2=args.transformer_2, **loras(args, config),
-                        strict_loras=not args.lora_skip_unmatched,
+                        **component_files(args), **loras(args, config), strict_loras=not args.lora_skip_unmatched,
                         offload_encoders=args.offload_encoders, compile=args.compile, stream_blocks=args.stream_blocks,
                         cache_cross_attention=not args.no_cache, sequence_parallel=args.sequence_parallel,
                         data_parallel=data_parallel)
@@ -188,12 +182,11 @@ def motion(args) -> None:
 
 
 def check(args) -> None:
-    summary = minialg.check(args.model, transformer=args.transformer, transformer_2=args.transformer_2,
-                            **loras(args))
+    summary = minialg.check(args.model, **component_files(args), **loras(args))
     for row in summary:
         print(f"{row['component']:14s} {row['class']:16s} {row['tensors']:5d} tensors in {row['files']} file(s), "
               f"{row['parameters'] / 1e9:.3f} B parameters")
-        if "format" in row:  # a transformer from a file of its own
+        if "format" in row:  # a component from a file of its own
             sharded = f"{row['files']} shards" if row["files"] > 1 else "one file"
             print(f"{'':14s} {getattr(args, row['component'])}: {row['model']}\n{'':14s} {row['format']} layout "
                   f"({row['names']} names, {sharded}, {row['bytes'] / 1e9:.2f} GB): {row['precision']}\n"
@@ -288,20 +281,6 @@ def add_run_flags(parser: argparse.ArgumentParser, one_video: bool = True) -> No
     parser.add_argument("--no_cache", action="store_true",
                         help="recompute the cross-attention keys/values (and other step-invariant work) every step")
     parser.add_argument("--model_cache_dir", default=None, help=argparse.SUPPRESS)  # the authors' flag
-
-
-def add_transformer_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--transformer", default=None, metavar="FILE",
-                        help="Wan: the transformer from a file or folder of its own (official, ComfyUI or diffusers "
-                             "names; fp32, bf16, fp16, fp8, scaled fp8) instead of the model folder's")
-    parser.add_argument("--transformer_2", default=None, metavar="FILE",
-                        help="Wan 2.2 I2V-A14B: the low-noise expert from a file or folder of its own")
-    for flag, whose in (("lora", "the transformer"), ("lora_2", "Wan 2.2 A14B's low-noise expert")):
-        parser.add_argument(f"--{flag}", nargs="+", action="extend", metavar="FILE[:STRENGTH]", help=f"Wan: LoRAs "
-                            f"merged into {whose} (diffusers/PEFT, ComfyUI, kohya/musubi, .diff deltas; a hub file "
-                            f"as org/repo/file), strength 1 by default; repeatable; overrides model.{flag}")
-    parser.add_argument("--lora_skip_unmatched", action="store_true",
-                        help="merge a LoRA with keys that match nothing (a warning names them) instead of refusing it")
 
 
 def subcommand_parser(name: str) -> argparse.ArgumentParser:

@@ -9,15 +9,19 @@ every tensor name and shape is checked against the safetensors headers (no tenso
 are the tensors streamed one by one to the target device and dtype.
 
 The same path loads weights from elsewhere: `Weights` names a component's config, its files and a renaming of
-their tensors (minialg.single_file: a Wan transformer as one file, or in the official layout), and `load` takes
-a per-tensor `transform`, where a step such as merging a LoRA hooks in. Tensors are kept as the file stores them
-where a module says so (minialg.fp8: fp8 block weights stay fp8).
+their tensors (minialg.single_file: a Wan transformer as one file, or in the official layout; minialg.
+component_files: the VAE and the encoders), and `load` takes a per-tensor `transform`, where a step such as
+merging a LoRA hooks in. Tensors are kept as the file stores them where a module says so (minialg.fp8: fp8 block
+weights stay fp8). Besides safetensors, `.pth` files are read, as plain dicts of tensors only: torch.load with
+weights_only (no pickled code runs) and mmap (tensor data is read when used, as from safetensors).
 """
 
 import dataclasses
 import json
 import os
+import pickle
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +37,9 @@ HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.saf
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' file stems
 SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+         torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}  # torch -> safetensors
 
 
 class CheckpointError(ValueError):
@@ -101,6 +108,40 @@ def read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return tensors
 
 
+def read_pth(file: Path) -> dict[str, torch.Tensor]:
+    """A .pth file's tensors: torch.load(weights_only=True, mmap=True) of a plain {name: tensor} dict. A file
+    that pickles anything else (a class, a module, code) is refused by weights_only before it runs."""
+    try:
+        state = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: not a plain dict of tensors; torch.load(weights_only=True) refused it "
+                              f"({str(e).splitlines()[0]})")
+    except (RuntimeError, OSError, EOFError) as e:  # an old-style (non-zip) torch.save file, truncated, not torch
+        raise CheckpointError(f"{file}: not readable as a torch.save zip file ({str(e).splitlines()[0]})")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{file}: not a plain dict of tensors (holds {type(state).__name__} of other things)")
+    return state
+
+
+def header_of(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype, shape) of a .safetensors or .pth file, reading no tensor data."""
+    if file.suffix == ".pth":
+        return {name: (CODES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for name, t in read_pth(file).items()}
+    return read_header(file)
+
+
+@contextmanager
+def tensors_of(file: Path, device):
+    """`get(name)`: one tensor of a .safetensors or .pth file, on `device`."""
+    if file.suffix == ".pth":
+        tensors = read_pth(file)
+        yield lambda name: tensors[name].to(device)
+        return
+    with safe_open(str(file), framework="pt", device=str(device)) as f:
+        yield f.get_tensor
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of one component, from its index when sharded."""
     for stem in WEIGHT_NAMES:
@@ -125,9 +166,12 @@ def config_from(config_cls, values: dict):
 
 @dataclasses.dataclass
 class Weights:
-    """Where one component's weights come from: its config (a config.json's dict), its safetensors files, and how
-    their tensor names become the module's. `rename` maps a name in the files to the module's (None: skip the
-    tensor); `file_name` maps back, for messages; `about` says what the files are (check's summary)."""
+    """Where one component's weights come from: its config (a config.json's dict), its files (safetensors or
+    .pth), and how their tensor names become the module's. `rename` maps a name in the files to the module's
+    (None: skip the tensor), or to a list of module names where one stored tensor holds several, one after
+    another along its first dimension (a fused q/k/v projection; a list of one: the same tensor with extra
+    leading 1s, as official CLIP's (1, 1, C) class embedding); `file_name` maps back, for messages; `about` says
+    what the files are (check's summary)."""
     config: dict
     files: list[Path]
     where: Path  # the folder or file, in messages
@@ -158,14 +202,10 @@ def plan(module: torch.nn.Module, source: Path | Weights) -> dict[Path, list[tup
     layers (minialg.fp8), so that what is checked, and then loaded, is the precision as stored.
     """
     source = weights_in(source)
-    rename = getattr(module, "checkpoint_name", lambda name: name)
     entries = []  # (file, name in the file, name in the module, dtype, shape)
     for file in source.files:
-        for name, (dtype, shape) in read_header(file).items():
-            target = source.rename(name)
-            target = None if target is None else rename(target)
-            if target is not None:
-                entries.append((file, name, target, dtype, shape))
+        for name, (dtype, shape) in header_of(file).items():
+            entries += [(file, name, target, dtype, part) for target, part in held(module, source, name, shape)]
     fp8.keep_fp8(module, {target: (dtype, shape) for _, _, target, dtype, shape in entries})
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     by_file, found, problems = {}, {}, []
@@ -188,6 +228,22 @@ def plan(module: torch.nn.Module, source: Path | Weights) -> dict[Path, list[tup
     return by_file
 
 
+def held(module: torch.nn.Module, source: Weights, name: str, shape: tuple) -> list[tuple[str, tuple]]:
+    """[(module name, shape)] of what one stored tensor holds: the tensor, renamed (by the source, then by the
+    module's own `checkpoint_name`), or, where the source renames it to a list, its equal parts along the first
+    dimension, leading 1s dropped (a shape that does not split evenly is reported as stored)."""
+    target = source.rename(name)
+    if isinstance(target, list):
+        if shape[0] % len(target):
+            return [(t, shape) for t in target]
+        part = (shape[0] // len(target),) + tuple(shape[1:])
+        while len(part) > 1 and part[0] == 1:
+            part = part[1:]
+        return [(t, part) for t in target]
+    target = None if target is None else getattr(module, "checkpoint_name", lambda n: n)(target)
+    return [] if target is None else [(target, shape)]
+
+
 def load(model_cls, config_cls, source: Path | Weights, device="cpu", dtype=torch.float32,
          transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> torch.nn.Module:
     """Build on meta, check the headers, then stream each tensor straight to `device` in `dtype`.
@@ -200,13 +256,17 @@ def load(model_cls, config_cls, source: Path | Weights, device="cpu", dtype=torc
     """
     module = build(model_cls, config_cls, source)
     keep_fp32 = getattr(module, "fp32_params", ())
+    source = weights_in(source)
     for file, names in plan(module, source).items():
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
+        with tensors_of(file, device) as get:
             for file_name, module_name in names:
-                read = f.get_tensor(file_name)
-                tensor = read if transform is None else transform(module_name, read)
+                read = get(file_name)
                 owner, _, leaf = module_name.rpartition(".")
                 sub = module.get_submodule(owner)
+                parts = source.rename(file_name)
+                if isinstance(parts, list):  # one of several module tensors stored as one
+                    read = read.chunk(len(parts))[parts.index(module_name)].reshape(getattr(sub, leaf).shape)
+                tensor = read if transform is None else transform(module_name, read)
                 if tensor.is_floating_point() and (leaf not in getattr(sub, "stored", ()) or tensor is not read):
                     fp32 = any(part in keep_fp32 for part in module_name.split("."))
                     tensor = tensor.to(torch.float32 if fp32 else dtype)

@@ -61,13 +61,17 @@ def check_device(device: "str | torch.device") -> torch.device:
     return device
 
 
-BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks")  # checkpoint names of block lists
+BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks", "encoder.block")  # checkpoint names
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformer in the order they run: Wan's `blocks`, CogVideoX's
-    `transformer_blocks`, HunyuanVideo's `transformer_blocks` (double stream) then `single_transformer_blocks`."""
-    return [block for name in BLOCK_LISTS for block in getattr(model, name, ())]
+    """The repeated blocks of a model in the order they run: Wan's `blocks`, CogVideoX's `transformer_blocks`,
+    HunyuanVideo's `transformer_blocks` (double stream) then `single_transformer_blocks`, T5's `encoder.block`."""
+    found = []
+    for name in BLOCK_LISTS:
+        owner, _, leaf = name.rpartition(".")
+        found += getattr(getattr(model, owner, None) if owner else model, leaf, None) or []
+    return found
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, gpu, lora, parallel
+from . import checkpoint, component_files, gpu, lora, parallel
 from .pipeline import Pipeline
 
 FAMILIES = (  # module, class: imported when a folder is first matched (each pulls in its model files)
@@ -46,16 +46,17 @@ def default_preset(folder: Path) -> str:
     return pipeline_class(folder).preset_of(folder)
 
 
-def components(folder: Path, transformer=None, transformer_2=None) -> dict[str, tuple]:
-    """Each component's (module class, config class, weights): its sub-folder, or, for a transformer given as a
-    file or folder of its own, what the family reads there (Pipeline.weights_from)."""
+def components(folder: Path, **files) -> dict[str, tuple]:
+    """Each component's (module class, config class, weights): its sub-folder, or, for a component given as a
+    file (or folder) of its own in `files` (component -> path), what the family reads there (Pipeline.weights_from)."""
     cls = pipeline_class(folder)
     parts = {sub: (model_cls, config_cls, folder / sub) for sub, (model_cls, config_cls) in
              cls.components_of(folder).items()}
-    for sub, path in (("transformer", transformer), ("transformer_2", transformer_2)):
+    for sub, path in files.items():
         if path is not None and sub not in parts:
             raise checkpoint.CheckpointError(f"{folder} has one transformer: {sub} is for two-expert checkpoints "
-                                             "(Wan 2.2 I2V-A14B)")
+                                             "(Wan 2.2 I2V-A14B)" if sub == "transformer_2" else
+                                             f"{folder} has no {sub} (this model runs without one)")
         if path is not None:
             parts[sub] = parts[sub][:2] + (cls.weights_from(folder, sub, path),)
     return parts
@@ -73,18 +74,31 @@ def lora_lists(folder: Path, parts: dict, loras, loras_2) -> dict[str, list[tupl
     return lists
 
 
-def check(model, transformer=None, transformer_2=None, loras=None, loras_2=None) -> list[dict]:
+def folder_of(model, files: dict) -> Path:
+    """The checkpoint folder: `model` as checkpoint.resolve finds it; but a hub id not downloaded whose configs
+    minialg ships (minialg/real_configs), with every weight from a file, runs from those configs: no download."""
+    configs = component_files.published(model)
+    if configs is not None and all(files.get(sub) for sub in pipeline_class(configs).components_of(configs)):
+        return configs
+    return checkpoint.resolve(model)
+
+
+def check(model, transformer=None, transformer_2=None, vae=None, text_encoder=None, image_encoder=None,
+          loras=None, loras_2=None) -> list[dict]:
     """Validate a checkpoint from its configs and safetensors headers alone; one summary dict per component.
-    `transformer`, `transformer_2`: a transformer's weights from a file or folder of their own (as in load); their
-    rows also say what the file is (format, names, model, precision, bytes). `loras`, `loras_2` (as in load): the
-    transformer's rows list each LoRA (minialg.lora: format, keys, rank, matched and unmatched keys)."""
-    folder = checkpoint.resolve(model)
+    `transformer`, `transformer_2`, `vae`, `text_encoder`, `image_encoder`: a component's weights from a file of its
+    own (as in load); their rows also say what the file is (format, names, model, precision, bytes, config).
+    `loras`, `loras_2` (as in load): the transformer's rows list each LoRA (minialg.lora: format, keys, rank,
+    matched and unmatched keys)."""
+    files = dict(transformer=transformer, transformer_2=transformer_2, vae=vae, text_encoder=text_encoder,
+                 image_encoder=image_encoder)
+    folder = folder_of(model, files)
     cls = pipeline_class(folder)
+    parts = components(folder, **files)  # first: a text encoder file may bring the tokenizer (Wan.weights_from)
     for file in cls.files_of(folder):
         if not (folder / file).is_file():
             raise checkpoint.CheckpointError(f"missing file: {folder / file}")
     summary = []
-    parts = components(folder, transformer, transformer_2)
     lists = lora_lists(folder, parts, loras, loras_2)
     for sub, (model_cls, config_cls, source) in parts.items():
         module = checkpoint.build(model_cls, config_cls, source)
@@ -99,8 +113,9 @@ def check(model, transformer=None, transformer_2=None, loras=None, loras_2=None)
     return summary
 
 
-def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transformer_2=None, loras=None,
-         loras_2=None, strict_loras: bool = True, offload_encoders: bool | None = None, compile: bool = False,
+def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transformer_2=None, vae=None,
+         text_encoder=None, image_encoder=None, loras=None, loras_2=None, strict_loras: bool = True,
+         offload_encoders: bool | None = None, compile: bool = False,
          stream_blocks: bool = False, cache_cross_attention: bool = True, sequence_parallel: int = 1,
          data_parallel: bool = False) -> Pipeline:
     """Load a checkpoint folder (diffusers' layout) or hub repo id into a ready-to-call pipeline.
@@ -111,7 +126,10 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transf
     encode; None lets the family choose (Pipeline.offload_by_default: on for HunyuanVideo on small CUDA cards).
     `transformer`, `transformer_2` (Wan): the transformer's weights from a file or folder of their own instead
     of the folder's (minialg.single_file: official, ComfyUI or diffusers names; fp32, bf16, fp16, fp8, scaled
-    fp8 as stored); `model` gives the rest. fp8 weights stay fp8 in memory (minialg.fp8).
+    fp8 as stored); `vae`, `text_encoder`, `image_encoder` (Wan) the same for those (minialg.component_files:
+    official .pth, ComfyUI or diffusers/transformers names); `model` gives the rest. fp8 weights stay fp8 in
+    memory (minialg.fp8). With every weight from a file, `model` may be a hub id whose configs minialg ships:
+    nothing is downloaded but the UMT5 tokenizer, where the text encoder file does not carry it (folder_of).
     `loras`, `loras_2` (Wan): LoRAs merged into transformer and transformer_2 (Wan 2.2 A14B's low-noise expert) as
     they load, each a file (a hub file as `org/repo/file.safetensors`) or a (file, strength) pair, in the order
     given (minialg.lora: the formats, how each is scaled; merged fp8 layers load in `dtype`). A LoRA with keys
@@ -136,13 +154,15 @@ def load(model, device="cuda", dtype=torch.bfloat16, *, transformer=None, transf
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
     device = torch.device(device)
-    folder = checkpoint.resolve(model)
-    summary = check(folder, transformer, transformer_2, loras, loras_2)  # names and shapes, before any tensor data
+    files = dict(transformer=transformer, transformer_2=transformer_2, vae=vae, text_encoder=text_encoder,
+                 image_encoder=image_encoder)
+    folder = folder_of(model, files)
+    summary = check(folder, **files, loras=loras, loras_2=loras_2)  # names and shapes, before any data
     lora.refuse_unmatched(summary, strict_loras)
     cls = pipeline_class(folder)
     if offload_encoders is None:
         offload_encoders = cls.offload_by_default(device)
-    parts = components(folder, transformer, transformer_2)
+    parts = components(folder, **files)
     if layout.sequence > 1 and not cls.sequence_parallel:
         raise ValueError(f"sequence parallelism is not implemented for {cls.__name__}: use --sequence_parallel 1 "
                          "(the guidance passes are still shared out over the ranks)")

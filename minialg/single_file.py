@@ -130,10 +130,7 @@ def weights(path, config_file: Path) -> Weights:
         raise CheckpointError(f"{path}: not a Wan transformer (no patch_embedding.weight / blocks.0.self_attn.q."
                               f"weight); found keys like {', '.join(sorted(stored)[:4]) or 'none'}")
     scaled = f"{prefix}scaled_fp8" in stored
-    for name, (dtype, _) in ours.items():
-        if scaled and dtype in fp8.FP8 and name.endswith(".weight") and name[:-6] + "scale_weight" not in ours:
-            raise CheckpointError(f"{path}: a scaled fp8 file, but fp8 tensor '{file_name(name)}' has no "
-                                  "scale_weight")
+    check_scales(path, ours, scaled, file_name)
     shape = shape_in(ours)
     config, config_path = pick_config(path, shape, config_file)
     known = published(shape)
@@ -143,6 +140,14 @@ def weights(path, config_file: Path) -> Weights:
              "precision": precision(ours) + ("; scaled fp8" if scaled else ""),
              "bytes": sum(file.stat().st_size for file in files)}
     return Weights(config, files, path, rename, file_name, about)
+
+
+def check_scales(path: Path, ours: dict, scaled: bool, file_name) -> None:
+    """In a scaled fp8 file every fp8 weight has its scale_weight (`ours`: module name -> (dtype, shape))."""
+    for name, (dtype, _) in ours.items():
+        if scaled and dtype in fp8.FP8 and name.endswith(".weight") and name[:-6] + "scale_weight" not in ours:
+            raise CheckpointError(f"{path}: a scaled fp8 file, but fp8 tensor '{file_name(name)}' has no "
+                                  "scale_weight")
 
 
 def precision(stored: dict) -> str:

@@ -11,11 +11,17 @@ from ..pipeline import Pipeline
 class T5Pipeline(Pipeline):
     def __init__(self, folder, modules, device, encoder_device, dtype, streamed=False):
         super().__init__(folder, modules, device, encoder_device, dtype, streamed)
-        self.tokenizer = Tokenizer(folder / "tokenizer" / "spiece.model")
+        self.tokenizer = Tokenizer(self.spiece_of(folder))
+
+    @classmethod
+    def spiece_of(cls, folder: Path) -> Path:
+        """The sentencepiece model: the folder's (a family may keep it elsewhere, Wan.spiece_of)."""
+        return folder / "tokenizer" / "spiece.model"
 
     @classmethod
     def files_of(cls, folder: Path) -> list[str]:
-        return ["tokenizer/spiece.model"] + super().files_of(folder)
+        spiece = cls.spiece_of(folder)
+        return [str(spiece.relative_to(folder) if spiece.is_relative_to(folder) else spiece)] + super().files_of(folder)
 
     def _text_states(self, prompts: list[str], max_length: int, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 states (P, L, C) of the prompts, attending to padding or not, and the padding mask (P, L)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, media, single_file
+from .. import checkpoint, component_files, media, single_file
 from ..models.clip import CLIPVision, CLIPVisionConfig, preprocess as clip_preprocess
 from ..models.t5 import T5Config, T5Encoder, clean_prompt
 from ..models.wan import WanTransformer, WanTransformerConfig
@@ -69,8 +69,20 @@ class Wan(T5Pipeline):
 
     @classmethod
     def weights_from(cls, folder: Path, component: str, path) -> checkpoint.Weights:
-        """A single file or an official folder (minialg.single_file), configured like the folder's component."""
-        return single_file.weights(path, folder / component / "config.json")
+        """A single file or an official folder, configured like the folder's component: a transformer's
+        (minialg.single_file), the VAE's or an encoder's (minialg.component_files). Where the folder is the
+        published configs alone, the text encoder's file also brings the tokenizer (or it is fetched)."""
+        if component.startswith("transformer"):
+            return single_file.weights(path, folder / component / "config.json")
+        model_cls, config_cls = cls.components_of(folder)[component]
+        source = component_files.weights(component, path, folder / component / "config.json", model_cls, config_cls)
+        if component == "text_encoder":
+            component_files.fetch_tokenizer(folder, path)
+        return source
+
+    @classmethod
+    def spiece_of(cls, folder: Path) -> Path:
+        return component_files.spiece_of(folder)
 
     def __init__(self, folder, modules, device, encoder_device, dtype, streamed=False):
         super().__init__(folder, modules, device, encoder_device, dtype, streamed)
