@@ -29,7 +29,7 @@ from minialg.models.t5 import relative_position_buckets
 from minialg.models.wan22_vae import Wan22VAE
 from minialg.models.wan_vae import WanVAE, WanVAEConfig
 from test_single_file import E4M3, PROMPT, SIZE, real_tensors
-from test_real_layout import WAN
+from test_real_layout import WAN, write_sparse
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = {"vae": "diffusion_pytorch_model", "text_encoder": "model", "image_encoder": "model"}
@@ -369,25 +369,6 @@ def test_the_flags_reach_load_and_check(monkeypatch, tmp_path):
 
 
 # ---- the real sizes: the ComfyUI files as sparse files (headers only), the published configs alone ----
-
-def write_sparse(path: Path, tensors: dict, data: dict = {}) -> Path:
-    """A safetensors file of (shape, dtype code) entries whose data is a hole, except the bytes in `data`."""
-    size = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "U8": 1}
-    header, offset = {}, 0
-    for name, (shape, code) in tensors.items():
-        nbytes = size[code] * int(torch.Size(shape).numel())
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        for name, raw in data.items():
-            f.seek(8 + len(blob) + header[name]["data_offsets"][0])
-            f.write(raw)
-        f.truncate(8 + len(blob) + offset)
-    return path
-
 
 def real_files(root: Path, spiece: bytes | None) -> dict[str, Path]:
     """ComfyUI's wan_2.1_vae (bf16), umt5_xxl_fp8_e4m3fn_scaled (block Linear weights fp8 with a float32 scale,

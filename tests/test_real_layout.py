@@ -25,14 +25,16 @@ COGVIDEOX = ROOT / "minialg" / "real_configs" / "CogVideoX-5b-I2V"
 WAN22 = ROOT / "minialg" / "real_configs" / "Wan2.2-I2V-A14B-Diffusers"
 TI2V = ROOT / "minialg" / "real_configs" / "Wan2.2-TI2V-5B-Diffusers"
 DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2), torch.float16: ("F16", 2)}
+CODE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1}
 
 
-def write_sparse(path: Path, tensors: dict[str, tuple[tuple, torch.dtype]]) -> None:
-    """A safetensors file whose data region is a hole: the header is real, the data never written."""
+def write_sparse(path: Path, tensors: dict[str, tuple[tuple, "torch.dtype | str"]], data: dict | None = None) -> Path:
+    """A safetensors file whose data region is a hole: the header is real, the data never written, except the
+    bytes in `data` (name -> bytes). A dtype is a torch dtype or a safetensors code ("F8_E4M3", ...)."""
     header, offset = {}, 0
     for name, (shape, dtype) in tensors.items():
-        code, size = DTYPES[dtype]
-        nbytes = size * int(torch.Size(shape).numel())
+        code = DTYPES[dtype][0] if isinstance(dtype, torch.dtype) else dtype
+        nbytes = CODE_BYTES[code] * int(torch.Size(shape).numel())
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     path.unlink(missing_ok=True)  # never write through a hard link into another folder's file
@@ -40,7 +42,11 @@ def write_sparse(path: Path, tensors: dict[str, tuple[tuple, torch.dtype]]) -> N
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
+        for name, raw in (data or {}).items():
+            f.seek(8 + len(blob) + header[name]["data_offsets"][0])
+            f.write(raw)
         f.truncate(8 + len(blob) + offset)
+    return path
 
 
 def write_component(folder: Path, stem: str, tensors: dict, shards: int) -> None:

@@ -25,7 +25,7 @@ from minialg.checkpoint import CheckpointError
 from minialg.config import load_config
 from minialg.models.wan import WanTransformer, WanTransformerConfig
 from conftest import save_tiny_wan
-from test_real_layout import TI2V, WAN, WAN22, write_checkpoint
+from test_real_layout import TI2V, WAN, WAN22, write_checkpoint, write_sparse
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = dict(height=16, width=16, num_frames=5, num_inference_steps=2, seed=3, progress=False)
@@ -323,20 +323,6 @@ def test_the_flags_reach_load(monkeypatch, tmp_path):
 
 
 # ---- the real sizes, as sparse files: headers only ----
-
-def write_sparse(path: Path, tensors: dict[str, tuple[tuple, str]]) -> None:
-    """A safetensors file of (shape, dtype code) entries whose data region is a hole."""
-    header, offset = {}, 0
-    for name, (shape, code) in tensors.items():
-        nbytes = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}[code] * int(torch.Size(shape).numel())
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little") + blob)
-        f.truncate(8 + len(blob) + offset)
-
 
 def real_tensors(real: Path, form: str, precision: str) -> dict:
     """The published transformer's names (official, prefixed or not) and shapes, from diffusers' class on meta."""
