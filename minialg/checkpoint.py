@@ -188,8 +188,9 @@ def weights_in(source: Path | Weights) -> Weights:
 
 
 def build(model_cls, config_cls, source: Path | Weights):
-    """The component's module on the meta device, from its config."""
-    config = config_from(config_cls, weights_in(source).config)
+    """The component's module on the meta device, from its config (no weight file is needed for that)."""
+    values = source.config if isinstance(source, Weights) else read_json(source / "config.json")
+    config = config_from(config_cls, values)
     with torch.device("meta"):
         return model_cls(config)
 
