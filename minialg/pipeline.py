@@ -118,7 +118,8 @@ class Pipeline:
         pixels = media.load_image(image)  # fail on a bad image before any compute
         self.timings.clear()
         generator = torch.Generator(self.device).manual_seed(seed)
-        solver = make_solver(solver, self.scheduler_config, steps, flow_shift, generator, **self.schedule_of(steps, run))
+        schedule = self.schedule_of(steps, run)  # the reference pipeline's own sigmas / timesteps / mu, if any
+        solver = make_solver(solver, self.scheduler_config, steps, flow_shift, generator, **schedule)
         timesteps = solver.timesteps.tolist()  # Python ints/floats: no device reads in the loop
 
         with self._timer("text"):

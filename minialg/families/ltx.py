@@ -98,7 +98,8 @@ class LTXVideo(T5Pipeline):
         """Whether the checkpoint samples as LTXConditionPipeline (0.9.5+) rather than LTXImageToVideoPipeline."""
         index = checkpoint.read_json(folder / "model_index.json")
         vae = checkpoint.read_json(folder / "vae" / "config.json")
-        return index["_class_name"] == "LTXConditionPipeline" or "LTXVideo095DownBlock3D" in vae.get("down_block_types", ())
+        blocks = vae.get("down_block_types", ())
+        return index["_class_name"] == "LTXConditionPipeline" or "LTXVideo095DownBlock3D" in blocks
 
     @classmethod
     def preset_of(cls, folder: Path) -> str:
