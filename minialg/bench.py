@@ -246,6 +246,66 @@ def motion_run(frames: int, height: int, width: int, repeats: int, device: str) 
             "flow_mean_px": sig(report["flow"]["mean_px"]), "true_flow_px": sig(math.hypot(1.5, 0.7))}
 
 
+FP8_PROBE = """
+import json, sys, torch
+from pathlib import Path
+from minialg.checkpoint import load
+from minialg.models.wan import WanTransformer, WanTransformerConfig
+def peak():  # this process's resident high-water mark, GiB (Linux; getrusage's would carry the parent's over exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 2**20
+start = peak()
+model = load(WanTransformer, WanTransformerConfig, Path(sys.argv[1]), "cpu", torch.bfloat16)
+loaded = peak()
+c, g = model.config, torch.Generator().manual_seed(0)
+x = [torch.randn(s, generator=g, dtype=torch.bfloat16) for s in ((1, c.in_channels, 3, 6, 10), (1, 512, c.text_dim),
+                                                                (1, 257, c.image_dim))]
+with torch.no_grad():
+    model(x[0], torch.tensor([500.0]), x[1], x[2])
+weights = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
+print(json.dumps({"start_gib": round(start, 2), "loaded_gib": round(loaded, 2), "ran_gib": round(peak(), 2),
+                  "weights_gib": round(weights, 2)}))
+"""
+
+
+def fp8_memory() -> dict:
+    """Peak resident memory (each in a fresh process, on the CPU) of loading one block of the real-size Wan 2.1 I2V
+    14B transformer (its config with num_layers 1) and running it on a small input, from a bf16 file and from a
+    scaled-fp8 one (block Linear weights e4m3 with a float32 scale, as ComfyUI's): minialg.fp8 keeps the latter."""
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    from minialg.models.wan import WanTransformer, WanTransformerConfig
+
+    config = dict(denoiser_config("wan", small=False), num_layers=1)
+    model = random_model(WanTransformer, config_from(WanTransformerConfig, config), torch.device("cpu"),
+                         torch.bfloat16)
+    bf16 = {name: t.contiguous() for name, t in model.state_dict().items()}
+    scaled = {}  # (a diffusers-layout folder: no `scaled_fp8` marker, the scales are read by name)
+    for name, t in bf16.items():
+        if name.startswith("blocks.") and name.endswith(".weight") and t.ndim == 2:
+            scale = t.float().abs().max() / 448  # e4m3's largest value
+            scaled[name] = (t.float() / scale).to(torch.float8_e4m3fn)
+            scaled[name[:-len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            scaled[name] = t
+    del model
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, tensors in (("bf16", bf16), ("scaled fp8", scaled)):
+            folder = Path(tmp) / name.replace(" ", "_")
+            folder.mkdir()
+            (folder / "config.json").write_text(json.dumps(config))
+            save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
+            out = subprocess.run([sys.executable, "-c", FP8_PROBE, str(folder)], capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"the {name} probe failed: {out.stderr.strip().splitlines()[-1]}")
+            rows[name] = dict(json.loads(out.stdout.strip().splitlines()[-1]), file_gb=sig(
+                (folder / "diffusion_pytorch_model.safetensors").stat().st_size / 1e9))
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m minialg.bench", description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -253,6 +313,7 @@ def main(argv=None) -> None:
     mode.add_argument("--pipelines", action="store_true",
                       help="whole CPU runs against diffusers (the default without CUDA)")
     mode.add_argument("--motion", action="store_true", help="the motion analysis of an 81-frame 480x832 video")
+    mode.add_argument("--fp8", action="store_true", help="peak memory: one real-size Wan 14B block, scaled fp8 vs bf16")
     parser.add_argument("--compare-diffusers", action="store_true", help="time diffusers in the same run")
     parser.add_argument("--family", nargs="+", default=["wan", "cogvideox"], choices=list(DENOISERS))
     parser.add_argument("--repeats", type=int, default=3)
@@ -286,6 +347,14 @@ def main(argv=None) -> None:
         print(f"motion analysis, {run['frames']} frames {run['width']}x{run['height']} on {run['device']}: "
               f"{run['wall_s']:.2f} s wall, {run['cpu_s']:.2f} s CPU (median of {run['repeats']}); measured flow "
               f"{run['flow_mean_px']:.3f} px/frame, true {run['true_flow_px']:.3f}\nreport: {args.report}")
+        return
+    if args.fp8:
+        report["fp8"] = rows = fp8_memory()
+        Path(args.report).write_text(json.dumps(report, indent=2))
+        for name, row in rows.items():
+            print(f"{name}: file {row['file_gb']} GB, peak RSS {row['start_gib']} GiB after the imports, "
+                  f"{row['loaded_gib']} GiB loaded, {row['ran_gib']} GiB after a forward ({row['weights_gib']} GiB "
+                  "of weights)")
         return
     if args.pipelines or not (args.denoiser or torch.cuda.is_available()):
         report["runs"] = [cpu_run(family, args.size, args.steps, args.repeats, args.compare_diffusers, args.frames,
