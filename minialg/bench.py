@@ -143,8 +143,7 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
     # the CPU dispatcher ignores the order and takes flash attention whenever it is allowed.)
     backends = sdpa_kernel(order[:1])
     report = {"model": f"{family} ({spec.transformer_config or spec.checkpoint} config{', small' if small else ''})",
-              "family": family,
-              "small": small, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+              "family": family, "small": small, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
               "parameters": sum(p.numel() for p in model.parameters()), "compile": args.compile,
               "input_shapes": {b: [list(t.shape) for t in case if isinstance(t, torch.Tensor)]
                                for b, case in inputs.items()},
@@ -157,7 +156,7 @@ def denoiser_run(family: str, args, device: torch.device, dtype: torch.dtype, ma
             flops = denoiser_flops(family, cfg, inputs[b])
             tflops = flops / ms / 1e9
             report["batches"][b] = {"ms": sig(ms), "flops": flops, "tflops": sig(tflops),
-                                         "mfu": sig(tflops / matmul), "peak_memory_gib": peak}
+                                    "mfu": sig(tflops / matmul), "peak_memory_gib": peak}
             outputs[b] = model(*inputs[b])
         report["sdpa"]["ran"] = sdpa_kernels_ran(lambda: model(*first))
         if device.type == "cuda":
